@@ -1,0 +1,1 @@
+"""Shared core: configuration, event model, Redis key layout, connections, local services."""

@@ -1,0 +1,286 @@
+"""The event model: what the sidecar accepts, and the validation that runs before anything counts.
+
+A request is one event object, a JSON array of events, or ``{"batch": [...]}``. Field names from
+Segment (``userId``, ``anonymousId``, ``messageId``, ``type``) and PostHog (``distinct_id``,
+``uuid``) are accepted beside our own (``user_id``, ``message_id``), so their SDKs can point at the
+sidecar. Validation is all-or-nothing: every problem of every event is collected, and a request
+with any problem is refused as a whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+
+from .config import Config
+
+Shape = Literal["any", "single", "batch"]
+
+# Segment call types and the event type they are counted as when no "event" name is given.
+_IMPLIED_EVENT = {"page": "page_view", "screen": "screen_view", "identify": "identify", "group": "group",
+                  "alias": "alias"}
+_NAMED_TYPES = frozenset({"track", "capture"})
+_KNOWN_TYPES = ", ".join(sorted(_NAMED_TYPES | _IMPLIED_EVENT.keys()))
+
+# First-match-wins aliases: our name, then Segment's, then PostHog's.
+_USER_FIELDS = ("user_id", "userId", "distinct_id", "anonymousId")
+_MESSAGE_FIELDS = ("message_id", "messageId", "uuid")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One validated event, normalised: UTC timestamp, canonical field names."""
+
+    event_type: str
+    user_id: str | None
+    timestamp: datetime
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One reason an event (or the body, when ``index`` is None) was refused."""
+
+    index: int | None
+    field: str
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "field": self.field, "reason": self.reason}
+
+
+@dataclass
+class RequestRejected(Exception):
+    """The whole request is refused; nothing of it is counted."""
+
+    status: int
+    message: str
+    errors: list[FieldError] = field(default_factory=list)
+    code: str = "invalid_request"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def as_body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, "errors": [e.as_dict() for e in self.errors]}
+
+
+def _has_control(text: str) -> bool:
+    return not text.isprintable()
+
+
+class EventValidator:
+    """Validates request bodies against one config's limits."""
+
+    def __init__(self, config: Config) -> None:
+        ingest = config.ingest
+        self.max_event_bytes = ingest.max_event_bytes
+        self.max_request_bytes = ingest.max_request_bytes
+        self.max_batch_events = ingest.max_batch_events
+        self.max_name_length = ingest.max_name_length
+        self.max_id_length = ingest.max_id_length
+        self.max_future = timedelta(seconds=ingest.max_future_seconds)
+        self.max_past = timedelta(seconds=config.max_past_seconds)
+
+    # body ---------------------------------------------------------------------------------------
+    def check_content_type(self, content_type: str | None) -> None:
+        """Only JSON is accepted (an absent type is tolerated: curl and some SDKs omit it)."""
+        if not content_type:
+            return
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json") and media != "text/plain":
+            raise RequestRejected(415, f"Content-Type must be application/json, not {media!r}",
+                                  [FieldError(None, "Content-Type", "must be application/json")],
+                                  code="unsupported_media_type")
+
+    def parse(self, body: bytes, *, shape: Shape = "any", now: datetime | None = None) -> list[Event]:
+        """Parse and validate a whole request body; RequestRejected if anything is wrong."""
+        if len(body) > self.max_request_bytes:
+            raise RequestRejected(
+                413, f"request body is {len(body)} bytes, over the {self.max_request_bytes}-byte limit; "
+                "send smaller batches", [FieldError(None, "body", "too large")], code="payload_too_large")
+        if not body.strip():
+            raise RequestRejected(400, "request body is empty; send a JSON event, array or {\"batch\": [...]}",
+                                  [FieldError(None, "body", "is empty")])
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as error:
+            raise RequestRejected(400, f"request body is not valid JSON: {error}",
+                                  [FieldError(None, "body", f"invalid JSON: {error}")], code="invalid_json") from None
+        raw_events = self._unwrap(document, shape)
+        if len(raw_events) > self.max_batch_events:
+            raise RequestRejected(
+                413, f"{len(raw_events)} events in one request, over the limit of {self.max_batch_events}; "
+                "split the batch", [FieldError(None, "batch", "too many events")], code="payload_too_large")
+        if not raw_events:
+            raise RequestRejected(400, "the request holds no events", [FieldError(None, "batch", "is empty")])
+        now = now or datetime.now(UTC)
+        check_size = len(body) > self.max_event_bytes
+        events: list[Event] = []
+        errors: list[FieldError] = []
+        for index, raw in enumerate(raw_events):
+            event = self._event(index, raw, now, check_size, errors)
+            if event is not None:
+                events.append(event)
+        if errors:
+            too_large = any(e.reason.startswith("event is") for e in errors)
+            bad = len({e.index for e in errors})
+            raise RequestRejected(
+                413 if too_large else 400,
+                f"{bad} of {len(raw_events)} events are invalid; nothing of this request was counted",
+                errors, code="payload_too_large" if too_large else "invalid_events")
+        return events
+
+    @staticmethod
+    def _unwrap(document: Any, shape: Shape) -> list[Any]:
+        if isinstance(document, list):
+            if shape == "single":
+                raise RequestRejected(400, "this endpoint takes one event object; use /v1/batch for arrays",
+                                      [FieldError(None, "body", "must be a JSON object")])
+            return document
+        if isinstance(document, dict):
+            if "batch" in document:
+                batch = document["batch"]
+                if shape == "single":
+                    raise RequestRejected(400, "this endpoint takes one event; use /v1/batch for batches",
+                                          [FieldError(None, "batch", "not accepted here")])
+                if not isinstance(batch, list):
+                    raise RequestRejected(400, "\"batch\" must be a JSON array of events",
+                                          [FieldError(None, "batch", "must be an array")])
+                return batch
+            if shape == "batch":
+                raise RequestRejected(400, "this endpoint takes {\"batch\": [...]}",
+                                      [FieldError(None, "batch", "is required")])
+            return [document]
+        raise RequestRejected(400, "request body must be a JSON object or array",
+                              [FieldError(None, "body", f"must be an object or array, not {_json_type(document)}")])
+
+    # one event ----------------------------------------------------------------------------------
+    def _event(self, index: int, raw: Any, now: datetime, check_size: bool,
+               errors: list[FieldError]) -> Event | None:
+        if not isinstance(raw, dict):
+            errors.append(FieldError(index, "(event)", f"must be a JSON object, not {_json_type(raw)}"))
+            return None
+        before = len(errors)
+        if check_size:
+            size = len(orjson.dumps(raw))
+            if size > self.max_event_bytes:
+                errors.append(FieldError(index, "(event)",
+                                         f"event is {size} bytes, over the {self.max_event_bytes}-byte limit"))
+        event_type = self._event_type(index, raw, errors)
+        user_id = self._identifier(index, raw, _USER_FIELDS, errors)
+        if user_id is None:
+            properties = raw.get("properties")
+            if isinstance(properties, dict) and "distinct_id" in properties:
+                user_id = self._identifier(index, properties, ("distinct_id",), errors, prefix="properties.")
+        message_id = self._identifier(index, raw, _MESSAGE_FIELDS, errors)
+        timestamp = self._timestamp(index, raw.get("timestamp"), now, errors)
+        properties = raw.get("properties")
+        if properties is not None and not isinstance(properties, dict):
+            errors.append(FieldError(index, "properties", f"must be an object, not {_json_type(properties)}"))
+        if len(errors) != before:
+            return None
+        return Event(event_type, user_id, timestamp, message_id)  # type: ignore[arg-type]
+
+    def _event_type(self, index: int, raw: Mapping[str, Any], errors: list[FieldError]) -> str | None:
+        call_type = raw.get("type")
+        if call_type is not None and (not isinstance(call_type, str) or
+                                      (call_type not in _NAMED_TYPES and call_type not in _IMPLIED_EVENT)):
+            errors.append(FieldError(index, "type", f"must be one of {_KNOWN_TYPES}"))
+            return None
+        name = raw.get("event")
+        if name is None:
+            if call_type in _IMPLIED_EVENT:
+                return _IMPLIED_EVENT[call_type]
+            errors.append(FieldError(index, "event", "is required (the event type, e.g. \"page_view\")"))
+            return None
+        return self._name(index, "event", name, errors)
+
+    def _name(self, index: int, field_name: str, value: Any, errors: list[FieldError]) -> str | None:
+        if not isinstance(value, str):
+            errors.append(FieldError(index, field_name, f"must be a string, not {_json_type(value)}"))
+        elif not value.strip():
+            errors.append(FieldError(index, field_name, "must not be empty"))
+        elif len(value) > self.max_name_length:
+            errors.append(FieldError(index, field_name,
+                                     f"is {len(value)} characters, over the limit of {self.max_name_length}"))
+        elif _has_control(value):
+            errors.append(FieldError(index, field_name, "must not contain control characters"))
+        else:
+            return value
+        return None
+
+    def _identifier(self, index: int, raw: Mapping[str, Any], names: tuple[str, ...],
+                    errors: list[FieldError], prefix: str = "") -> str | None:
+        for name in names:
+            value = raw.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                errors.append(FieldError(index, prefix + name, f"must be a string, not {_json_type(value)}"))
+            elif not value:
+                errors.append(FieldError(index, prefix + name, "must not be empty"))
+            elif len(value) > self.max_id_length:
+                errors.append(FieldError(index, prefix + name,
+                                         f"is {len(value)} characters, over the limit of {self.max_id_length}"))
+            elif _has_control(value):
+                errors.append(FieldError(index, prefix + name, "must not contain control characters"))
+            else:
+                return value
+            return None
+        return None
+
+    def _timestamp(self, index: int, value: Any, now: datetime, errors: list[FieldError]) -> datetime:
+        if value is None:
+            return now
+        if not isinstance(value, str):
+            errors.append(FieldError(index, "timestamp", "must be an ISO-8601 string like "
+                                     f"\"2026-11-27T10:00:00Z\", not {_json_type(value)}"))
+            return now
+        moment = parse_timestamp(value)
+        if moment is None:
+            errors.append(FieldError(index, "timestamp",
+                                     f"{value[:64]!r} is not an ISO-8601 time like \"2026-11-27T10:00:00Z\""))
+            return now
+        if moment - now > self.max_future:
+            errors.append(FieldError(index, "timestamp",
+                                     f"is more than {int(self.max_future.total_seconds())} s in the future "
+                                     "(check the client's clock)"))
+        elif now - moment > self.max_past:
+            errors.append(FieldError(index, "timestamp",
+                                     f"is more than {int(self.max_past.total_seconds())} s in the past "
+                                     "(older than the counter TTL; such events cannot be counted)"))
+        return moment
+
+
+def parse_timestamp(value: str) -> datetime | None:
+    """An ISO-8601 string as an aware UTC datetime (naive means UTC); None if unparseable."""
+    if len(value) > 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

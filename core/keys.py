@@ -1,0 +1,189 @@
+"""The Redis key layout, defined once and imported by every component.
+
+Every key of a pipeline starts with ``ap:{<namespace>/<name>}:`` so that all of them hash to one
+Redis Cluster slot and a single Lua script may touch them together.
+
+Live buckets are hashes, one per pipeline x granularity x time bucket:
+
+    ap:{ns/name}:d:YYYYMMDD      field = event_type                 (daily)
+    ap:{ns/name}:h:YYYYMMDDHH    field = event_type                 (hourly, UTC)
+    ap:{ns/name}:u:YYYYMMDD      field = event_type + US + user_id  (per user, daily)
+
+Bookkeeping keys:
+
+    ap:{ns/name}:dirty           ZSET  bucket key -> ms when first written since its last claim
+    ap:{ns/name}:msg:<id>        STRING message_id dedup marker (EX = dedup window)
+    ap:{ns/name}:gc:<token>      STRING group-commit fence (makes an ambiguous write decidable)
+    ap:{ns/name}:inflight        ZSET  flush unit id -> ms when claimed
+    ap:{ns/name}:unit:<unit>     SET   staging keys claimed by that unit
+    ap:{ns/name}:s:<unit>:<kind>:<bucket>   HASH  a claimed (staged) bucket
+    ap:{ns/name}:claimseq        STRING counter bumped by every claim (queries use it as a seqlock)
+    ap:{ns/name}:lock            STRING flusher run lock (SET NX PX with a token)
+    ap:pipelines                 SET   every pipeline that has written (lets ``flush --all`` find them)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Literal
+
+from .config import PIPELINE_RE, Granularity
+
+BucketKind = Literal["d", "h", "u"]
+
+KIND_OF_GRANULARITY: dict[Granularity, BucketKind] = {"daily": "d", "hourly": "h", "user_daily": "u"}
+GRANULARITY_OF_KIND: dict[BucketKind, Granularity] = {v: k for k, v in KIND_OF_GRANULARITY.items()}
+
+# Separates event type and user id in a per-user field. Event names may not contain control
+# characters (the event model refuses them), so splitting at the first US is unambiguous.
+USER_FIELD_SEPARATOR = "\x1f"
+
+PIPELINES_SET = "ap:pipelines"
+
+_DAY_FORMAT = "%Y%m%d"
+_HOUR_FORMAT = "%Y%m%d%H"
+
+
+def user_field(event_type: str, user_id: str) -> str:
+    """The hash field of a per-user bucket."""
+    return f"{event_type}{USER_FIELD_SEPARATOR}{user_id}"
+
+
+def split_user_field(field: str) -> tuple[str, str]:
+    """Inverse of :func:`user_field`: ``(event_type, user_id)``."""
+    event_type, _, user_id = field.partition(USER_FIELD_SEPARATOR)
+    return event_type, user_id
+
+
+def day_bucket(moment: datetime | date) -> str:
+    """``YYYYMMDD`` of a UTC moment or a date."""
+    return moment.strftime(_DAY_FORMAT)
+
+
+def hour_bucket(moment: datetime) -> str:
+    """``YYYYMMDDHH`` of a UTC moment."""
+    return moment.astimezone(UTC).strftime(_HOUR_FORMAT) if moment.tzinfo else moment.strftime(_HOUR_FORMAT)
+
+
+def parse_bucket(kind: BucketKind, bucket: str) -> datetime:
+    """The UTC start of a bucket (a day for ``d``/``u``, an hour for ``h``)."""
+    fmt = _HOUR_FORMAT if kind == "h" else _DAY_FORMAT
+    return datetime.strptime(bucket, fmt).replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class BucketRef:
+    """A live bucket key taken apart: which kind and which time bucket."""
+
+    kind: BucketKind
+    bucket: str
+
+    @property
+    def start(self) -> datetime:
+        return parse_bucket(self.kind, self.bucket)
+
+    @property
+    def suffix(self) -> str:
+        return f"{self.kind}:{self.bucket}"
+
+
+class PipelineKeys:
+    """All Redis key names of one pipeline."""
+
+    __slots__ = ("base", "pipeline")
+
+    def __init__(self, pipeline: str) -> None:
+        if not PIPELINE_RE.match(pipeline):
+            raise ValueError(f"not a pipeline name: {pipeline!r} (want '<namespace>/<name>')")
+        self.pipeline = pipeline
+        self.base = f"ap:{{{pipeline}}}:"
+
+    # live buckets -------------------------------------------------------------------------------
+    def bucket(self, kind: BucketKind, bucket: str) -> str:
+        return f"{self.base}{kind}:{bucket}"
+
+    def daily(self, moment: datetime | date) -> str:
+        return self.bucket("d", day_bucket(moment))
+
+    def hourly(self, moment: datetime) -> str:
+        return self.bucket("h", hour_bucket(moment))
+
+    def user_daily(self, moment: datetime | date) -> str:
+        return self.bucket("u", day_bucket(moment))
+
+    def parse_bucket_key(self, key: str) -> BucketRef:
+        """Take a live bucket key of this pipeline apart; ValueError for any other key."""
+        if not key.startswith(self.base):
+            raise ValueError(f"{key!r} is not a key of pipeline {self.pipeline}")
+        kind, _, bucket = key[len(self.base) :].partition(":")
+        if kind not in GRANULARITY_OF_KIND or not bucket.isdigit():
+            raise ValueError(f"{key!r} is not a bucket key")
+        return BucketRef(kind, bucket)  # type: ignore[arg-type]
+
+    # bookkeeping --------------------------------------------------------------------------------
+    @property
+    def dirty(self) -> str:
+        return f"{self.base}dirty"
+
+    def message(self, message_id: str) -> str:
+        return f"{self.base}msg:{message_id}"
+
+    def group_commit(self, token: str) -> str:
+        return f"{self.base}gc:{token}"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.base}inflight"
+
+    def unit(self, unit_id: str) -> str:
+        return f"{self.base}unit:{unit_id}"
+
+    def staging_prefix(self, unit_id: str) -> str:
+        return f"{self.base}s:{unit_id}:"
+
+    def staging(self, unit_id: str, live_key: str) -> str:
+        """The name a live bucket key gets while unit ``unit_id`` flushes it."""
+        return self.staging_prefix(unit_id) + live_key[len(self.base) :]
+
+    def unstage(self, unit_id: str, staging_key: str) -> BucketRef:
+        """Which bucket a staging key holds."""
+        prefix = self.staging_prefix(unit_id)
+        if not staging_key.startswith(prefix):
+            raise ValueError(f"{staging_key!r} is not a staging key of unit {unit_id}")
+        return self.parse_bucket_key(self.base + staging_key[len(prefix) :])
+
+    @property
+    def claim_seq(self) -> str:
+        return f"{self.base}claimseq"
+
+    @property
+    def lock(self) -> str:
+        return f"{self.base}lock"
+
+    @property
+    def scan_pattern(self) -> str:
+        """A SCAN MATCH pattern for every key of this pipeline (tests and admin tools only)."""
+        escaped = self.base.replace("{", "\\{").replace("}", "\\}")
+        return f"{escaped}*"
+
+
+def pipeline_from_key(key: str) -> str | None:
+    """The pipeline a key belongs to, from its hash tag; None for keys that are not ours."""
+    if not key.startswith("ap:{"):
+        return None
+    end = key.find("}:", 4)
+    return key[4:end] if end > 0 else None
+
+
+def days_between(start: date, end: date) -> list[date]:
+    """Every date from start to end inclusive."""
+    return [start + timedelta(days=n) for n in range((end - start).days + 1)]
+
+
+def hours_between(start: datetime, end: datetime) -> list[datetime]:
+    """Every UTC hour start from the hour of start to the hour of end inclusive."""
+    first = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    last = end.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    count = int((last - first).total_seconds() // 3600) + 1
+    return [first + timedelta(hours=n) for n in range(max(count, 0))]

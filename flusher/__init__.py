@@ -1,0 +1,1 @@
+"""The flusher: moves Redis counters into PostgreSQL exactly once (the CronJob's program)."""

@@ -1,0 +1,1 @@
+"""The kopf operator reconciling AnalyticsPipeline objects into a ConfigMap and a CronJob."""

@@ -1,0 +1,1 @@
+"""The ingest sidecar: validates events and counts them in Redis, acknowledging only once stored."""
