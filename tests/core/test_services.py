@@ -1,0 +1,68 @@
+"""The local services harness: env services when they answer, throwaway servers otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import redis
+
+from analytics_pipeline.core.services import (
+    PostgresServer,
+    local_services,
+    postgres_answers,
+    redis_answers,
+)
+
+UNREACHABLE = {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"}
+
+
+def test_unreachable_env_starts_throwaway_servers_and_removes_them() -> None:
+    with local_services(env=dict(UNREACHABLE)) as found:
+        assert found.redis_started and found.postgres_started
+        assert found.redis_url != UNREACHABLE["REDIS_URL"]
+        client = redis.Redis.from_url(found.redis_url)
+        assert client.incr("harness-check") == 1
+        client.close()
+
+        async def roundtrip() -> int:
+            connection = await asyncpg.connect(found.database_url)
+            try:
+                await connection.execute("CREATE TABLE t (n int); INSERT INTO t VALUES (41)")
+                return int(await connection.fetchval("SELECT n + 1 FROM t"))
+            finally:
+                await connection.close()
+
+        assert asyncio.run(roundtrip()) == 42
+        urls = (found.redis_url, found.database_url)
+    assert not redis_answers(urls[0])
+    assert not postgres_answers(urls[1])
+
+
+def test_answering_env_services_are_used_as_they_are(services) -> None:  # type: ignore[no-untyped-def]
+    env = {"REDIS_URL": services.redis_url, "DATABASE_URL": services.database_url}
+    with local_services(env=env) as found:
+        assert (found.redis_url, found.database_url) == (services.redis_url, services.database_url)
+        assert not found.redis_started and not found.postgres_started
+
+
+def test_postgres_survives_a_restart_with_its_data(tmp_path: Path) -> None:
+    server = PostgresServer(tmp_path / "pg").start()
+    try:
+        async def write_then_read(write: bool) -> int:
+            connection = await asyncpg.connect(server.url)
+            try:
+                if write:
+                    await connection.execute("CREATE TABLE kept (n int); INSERT INTO kept VALUES (7)")
+                return int(await connection.fetchval("SELECT n FROM kept"))
+            finally:
+                await connection.close()
+
+        assert asyncio.run(write_then_read(True)) == 7
+        server.stop()
+        assert not postgres_answers(server.url)
+        server.start()
+        assert asyncio.run(write_then_read(False)) == 7
+    finally:
+        server.destroy()
