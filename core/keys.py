@@ -18,6 +18,7 @@ Bookkeeping keys:
     ap:{ns/name}:unit:<unit>     SET   staging keys claimed by that unit
     ap:{ns/name}:s:<unit>:<kind>:<bucket>   HASH  a claimed (staged) bucket
     ap:{ns/name}:claimseq        STRING counter bumped by every claim (queries use it as a seqlock)
+    ap:{ns/name}:claimhold       ZSET  reader token -> expiry ms; while not empty the flusher does not claim
     ap:{ns/name}:lock            STRING flusher run lock (SET NX PX with a token)
     ap:pipelines                 SET   every pipeline that has written (lets ``flush --all`` find them)
 """
@@ -156,6 +157,11 @@ class PipelineKeys:
     @property
     def claim_seq(self) -> str:
         return f"{self.base}claimseq"
+
+    @property
+    def claim_hold(self) -> str:
+        """Readers that keep losing the claim_seq race park claims here for a moment (see core/queries.py)."""
+        return f"{self.base}claimhold"
 
     @property
     def lock(self) -> str:
