@@ -1,0 +1,43 @@
+"""Push a flush run's figures to a Prometheus Pushgateway (one group per pipeline)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
+
+from .run import PipelineStats
+
+JOB = "analytics-pipeline-flush"
+
+
+def registry_for(stats: PipelineStats) -> CollectorRegistry:
+    """The gauges of one pipeline's run (``last_success`` only when it succeeded, so POST keeps the old one)."""
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        Gauge(name, doc, registry=registry).set(value)
+
+    ok = stats.error is None
+    gauge("analytics_flush_success", "1 if the last flush run succeeded, else 0", 1 if ok else 0)
+    gauge("analytics_flush_buckets", "buckets flushed by the last run", stats.buckets)
+    gauge("analytics_flush_rows", "PostgreSQL rows upserted by the last run", stats.rows)
+    gauge("analytics_flush_units", "flush units committed by the last run", stats.units)
+    gauge("analytics_flush_duration_seconds", "duration of the last run", stats.duration_s)
+    gauge("analytics_flush_recovered_runs", "dead runs recovered by the last run", stats.recovered_runs)
+    gauge("analytics_flush_oldest_unflushed_age_seconds",
+          "age of the oldest bucket still waiting in Redis after the last run", stats.oldest_unflushed_age_s)
+    gauge("analytics_flush_unflushed_buckets", "dirty buckets waiting in Redis after the last run",
+          stats.unflushed_buckets)
+    gauge("analytics_flush_last_run_timestamp_seconds", "when the last run ended", time.time())
+    if ok:
+        gauge("analytics_flush_last_success_timestamp_seconds", "when a run last succeeded", time.time())
+    return registry
+
+
+async def push(gateway: str, stats: PipelineStats, http_timeout_s: float = 10.0) -> None:
+    """POST (push-add) the run's gauges under job ``analytics-pipeline-flush``, grouped by pipeline."""
+    registry = registry_for(stats)
+    await asyncio.to_thread(pushadd_to_gateway, gateway, job=JOB, registry=registry,
+                            grouping_key={"pipeline": stats.pipeline}, timeout=http_timeout_s)

@@ -1,0 +1,230 @@
+"""One flush run for one pipeline: lock, recover dead units, claim → apply → clean up batch by batch, retention.
+
+The protocol (docs/flush-protocol.md): a unit (run id + batch number) is claimed atomically in Redis,
+written to PostgreSQL in one transaction together with its ledger row, and only then removed from
+Redis. Whatever kills the process, the unit stays in the in-flight set and the next run re-applies it;
+the ledger turns a re-apply of a committed unit into a no-op. The lock only avoids wasted work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.keys import PipelineKeys
+
+from . import faults
+from .errors import (
+    POSTGRES_CONNECTION_ERRORS,
+    REDIS_CONNECTION_ERRORS,
+    FlushError,
+    SchemaMissing,
+    ServiceUnreachable,
+    describe,
+)
+from .staging import Claim, ClaimHeld, Staging, new_run_id, run_id_of, unit_id_of
+from .store import apply_retention, apply_unit
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[str], Awaitable[None]]
+
+CLAIM_HOLD_WAIT_S = 120.0
+PROGRESS_EVERY_S = 5.0
+
+
+@dataclass
+class PipelineStats:
+    """What one run did for one pipeline (the flush command's JSON output is built from these)."""
+
+    pipeline: str
+    run_id: str = ""
+    units: int = 0
+    buckets: int = 0
+    rows: int = 0
+    skipped_units: int = 0
+    recovered_units: int = 0
+    recovered_runs: int = 0
+    retention_deleted_rows: int = 0
+    oldest_unflushed_age_s: float = 0.0
+    unflushed_buckets: int = 0
+    inflight_units: int = 0
+    locked: bool = False
+    lock_lost: bool = False
+    interrupted: bool = False
+    duration_s: float = 0.0
+    error: str | None = None
+    exit_code: int = field(default=0, repr=False)
+
+    def as_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data.pop("exit_code")
+        return data
+
+
+class PipelineFlush:
+    """Runs the protocol for one pipeline over one Redis client and one PostgreSQL connection."""
+
+    def __init__(self, client: aioredis.Redis, conn: asyncpg.Connection, config: Config, pipeline: str, *,
+                 batch_size: int | None = None, use_lock: bool = True, stop: asyncio.Event | None = None,
+                 hook: Hook | None = None) -> None:
+        self.keys = PipelineKeys(pipeline)
+        self.staging = Staging(client, self.keys)
+        self.conn = conn
+        self.config = config
+        self.batch_size = batch_size or config.flush.batch_size
+        self.use_lock = use_lock
+        self.stop = stop or asyncio.Event()
+        self.hook = hook
+        self.stats = PipelineStats(pipeline)
+        self._last_progress = time.monotonic()
+
+    async def _step(self, name: str) -> None:
+        faults.checkpoint(name)
+        if self.hook is not None:
+            await self.hook(name)
+
+    async def run(self) -> PipelineStats:
+        """Do the whole run; errors become ``stats.error`` / ``stats.exit_code`` (never raised)."""
+        started = time.monotonic()
+        try:
+            await self._run_locked()
+        except FlushError as error:
+            self._fail(error.exit_code, str(error))
+        except REDIS_CONNECTION_ERRORS as error:
+            self._fail(2, f"Redis unreachable: {describe(error)}")
+        except asyncpg.exceptions.UndefinedTableError as error:
+            self._fail(SchemaMissing.exit_code,
+                       f"schema missing ({describe(error)}): run 'analytics-pipeline migrate' or 'flush --migrate'")
+        except POSTGRES_CONNECTION_ERRORS as error:
+            self._fail(2, f"PostgreSQL unreachable: {describe(error)}")
+        except (asyncpg.PostgresError, ValueError) as error:
+            self._fail(1, describe(error))
+        self.stats.duration_s = round(time.monotonic() - started, 3)
+        return self.stats
+
+    def _fail(self, code: int, message: str) -> None:
+        self.stats.exit_code = code
+        self.stats.error = message
+        log.error("pipeline %s: flush failed: %s", self.keys.pipeline, message)
+
+    async def _run_locked(self) -> None:
+        ttl_ms = self.config.flush.lock_ttl_seconds * 1000
+        token = await self.staging.acquire_lock(ttl_ms) if self.use_lock else None
+        if self.use_lock and token is None:
+            self.stats.locked = True
+            log.info("pipeline %s: another flusher holds the lock; skipping", self.keys.pipeline)
+            await self._report_backlog()
+            return
+        extender = asyncio.create_task(self._keep_lock(token, ttl_ms)) if token else None
+        try:
+            await self._step("after_lock")
+            await self._protocol()
+        finally:
+            if extender is not None:
+                extender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await extender
+            if token is not None:
+                with contextlib.suppress(*REDIS_CONNECTION_ERRORS):
+                    if not await self.staging.release_lock(token):
+                        self.stats.lock_lost = True
+
+    async def _keep_lock(self, token: str, ttl_ms: int) -> None:
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)
+            try:
+                if not await self.staging.extend_lock(token, ttl_ms):
+                    self.stats.lock_lost = True
+                    log.warning("pipeline %s: flush lock lost (expired or taken); continuing, the ledger "
+                                "keeps the result exact", self.keys.pipeline)
+                    return
+            except REDIS_CONNECTION_ERRORS as error:
+                log.warning("pipeline %s: could not extend the lock: %s", self.keys.pipeline, describe(error))
+
+    async def _protocol(self) -> None:
+        # 1. recover units a dead (or concurrent) flusher left in flight
+        recovered = await self.staging.inflight_units()
+        for unit_id in recovered:
+            await self._process(unit_id)
+        self.stats.recovered_units = len(recovered)
+        self.stats.recovered_runs = len({run_id_of(unit_id) for unit_id in recovered})
+        if recovered:
+            log.info("pipeline %s: recovered %d unit(s) of %d earlier run(s)", self.keys.pipeline,
+                     len(recovered), self.stats.recovered_runs)
+        await self._step("after_recover")
+        # 2. claim what is dirty now (not what gets re-dirtied meanwhile: the run must end under load)
+        budget = await self.staging.dirty_count()
+        self.stats.run_id = run_id = new_run_id()
+        batch = 0
+        while budget > 0 and not self.stop.is_set():
+            batch += 1
+            unit_id = unit_id_of(run_id, batch)
+            claim = await self._claim(unit_id, min(self.batch_size, budget))
+            if claim.popped == 0:
+                break
+            budget -= claim.popped
+            await self._step("after_claim")
+            if claim.staged_keys:
+                await self._process(unit_id)
+        if self.stop.is_set() and budget > 0:
+            self.stats.interrupted = True
+        # 3. retention (this pipeline's rows only)
+        self.stats.retention_deleted_rows = await apply_retention(
+            self.conn, self.keys.pipeline, self.config.flush.retention_days, await self.staging.inflight_units())
+        await self._step("after_retention")
+        await self._report_backlog()
+
+    async def _claim(self, unit_id: str, limit: int) -> Claim:
+        deadline = time.monotonic() + CLAIM_HOLD_WAIT_S
+        while True:
+            try:
+                return await self.staging.claim(unit_id, limit)
+            except ClaimHeld:
+                if time.monotonic() > deadline:
+                    raise FlushError(f"queries held claims for more than {CLAIM_HOLD_WAIT_S:.0f}s") from None
+                await asyncio.sleep(0.01)
+
+    async def _process(self, unit_id: str) -> None:
+        """Read → apply (one transaction, ledger-guarded) → clean up; the unit stays in flight until cleanup."""
+        buckets = await self.staging.read_unit(unit_id)
+        await self._step("after_read")
+        result = await apply_unit(self.conn, self.keys.pipeline, unit_id, buckets,
+                                  in_transaction=lambda: self._step("in_transaction"))
+        await self._step("after_commit")
+        await self.staging.cleanup(unit_id)
+        await self._step("after_cleanup")
+        if result.applied:
+            self.stats.units += 1
+            self.stats.buckets += result.buckets
+            self.stats.rows += result.rows
+        else:
+            self.stats.skipped_units += 1
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_EVERY_S:
+            self._last_progress = now
+            log.info("pipeline %s: %d units, %d buckets, %d rows flushed so far", self.keys.pipeline,
+                     self.stats.units, self.stats.buckets, self.stats.rows)
+
+    async def _report_backlog(self) -> None:
+        backlog = await self.staging.backlog()
+        self.stats.oldest_unflushed_age_s = backlog.oldest_age_s
+        self.stats.unflushed_buckets = backlog.dirty_buckets
+        self.stats.inflight_units = backlog.inflight_units
+
+
+async def flush_pipeline(client: aioredis.Redis, conn: asyncpg.Connection, config: Config, pipeline: str,
+                         **options: object) -> PipelineStats:
+    """Run the flush protocol once for ``pipeline`` (options: see :class:`PipelineFlush`)."""
+    return await PipelineFlush(client, conn, config, pipeline, **options).run()  # type: ignore[arg-type]
+
+
+__all__ = ["FlushError", "PipelineFlush", "PipelineStats", "ServiceUnreachable", "flush_pipeline"]

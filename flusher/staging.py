@@ -1,0 +1,219 @@
+"""The Redis half of the flush protocol: claim dirty buckets into a unit, read them, clean up, lock.
+
+Every step that changes more than one key is one Lua script, so a flusher killed at any point
+leaves either the state before the step or the state after it. Key names come from
+:class:`~analytics_pipeline.core.keys.PipelineKeys` and are passed in (all keys of a pipeline share
+one hash tag, so the scripts also run on Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from analytics_pipeline.core.keys import BucketRef, PipelineKeys
+
+# Claim up to ARGV[2] of the oldest dirty buckets into unit ARGV[1]: RENAME each existing live bucket to
+# its staging name and PERSIST it (it must not expire mid-flush), record the staged keys in the unit's
+# set, the unit in the in-flight ZSET, and bump claim_seq (the queries' seqlock). Refused (returns -1)
+# while a query holds claims (KEYS[5] not empty after dropping expired holds).
+# Returns {popped, staged key...}; popped counts dirty members removed (some may have expired).
+CLAIM_LUA = """
+local dirty, inflight, unitset, claimseq, hold = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local unit, limit, base, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', hold, '-inf', now)
+if redis.call('ZCARD', hold) > 0 then
+  return -1
+end
+local members = redis.call('ZRANGE', dirty, 0, limit - 1)
+if #members == 0 then
+  return {0}
+end
+local result = {#members}
+local blen = string.len(base)
+for i = 1, #members, 1000 do
+  redis.call('ZREM', dirty, unpack(members, i, math.min(i + 999, #members)))
+end
+for _, key in ipairs(members) do
+  if string.sub(key, 1, blen) == base and redis.call('EXISTS', key) == 1 then
+    local staged = prefix .. string.sub(key, blen + 1)
+    redis.call('RENAME', key, staged)
+    redis.call('PERSIST', staged)
+    result[#result + 1] = staged
+  end
+end
+if #result > 1 then
+  for i = 2, #result, 1000 do
+    redis.call('SADD', unitset, unpack(result, i, math.min(i + 999, #result)))
+  end
+  redis.call('ZADD', inflight, now, unit)
+  redis.call('INCR', claimseq)
+end
+return result
+"""
+
+# After the unit's PostgreSQL commit (or a ledger hit): delete its staging keys, its set, its in-flight entry.
+CLEANUP_LUA = """
+local unitset, inflight, unit = KEYS[1], KEYS[2], ARGV[1]
+local members = redis.call('SMEMBERS', unitset)
+for i = 1, #members, 1000 do
+  redis.call('DEL', unpack(members, i, math.min(i + 999, #members)))
+end
+redis.call('DEL', unitset)
+redis.call('ZREM', inflight, unit)
+return #members
+"""
+
+# Lock helpers: only the owner (same token) may extend or release.
+EXTEND_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Age of the oldest unflushed data: the oldest dirty score and the oldest in-flight unit, by Redis's clock.
+BACKLOG_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local oldest = now
+local d = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #d > 0 then oldest = math.min(oldest, tonumber(d[2])) end
+local f = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if #f > 0 then oldest = math.min(oldest, tonumber(f[2])) end
+return {now - oldest, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ClaimHeld(Exception):
+    """A query holds claims for a moment (see core/queries.py); retry shortly."""
+
+
+@dataclass
+class StagedBucket:
+    """One claimed bucket: its kind and time bucket, and its counts per hash field."""
+
+    ref: BucketRef
+    counts: dict[str, int]
+
+
+@dataclass
+class Claim:
+    """The outcome of one claim: dirty members removed and the staging keys now owned by the unit."""
+
+    unit_id: str
+    popped: int
+    staged_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Backlog:
+    """What is still waiting in Redis for a pipeline."""
+
+    oldest_age_s: float
+    dirty_buckets: int
+    inflight_units: int
+
+
+def new_run_id() -> str:
+    """A unique, sortable run id (UTC time + random suffix); unit ids append a batch number."""
+    from datetime import UTC, datetime
+
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def unit_id_of(run_id: str, batch: int) -> str:
+    """Unit id = run id + batch number."""
+    return f"{run_id}-{batch:05d}"
+
+
+def run_id_of(unit_id: str) -> str:
+    """The run a unit id belongs to."""
+    return unit_id.rsplit("-", 1)[0]
+
+
+def batch_of(unit_id: str) -> int:
+    """The batch number inside a unit id (0 if it has none)."""
+    tail = unit_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+class Staging:
+    """Redis operations of the flush protocol for one pipeline."""
+
+    def __init__(self, client: aioredis.Redis, keys: PipelineKeys) -> None:
+        self.client = client
+        self.keys = keys
+        self._claim = client.register_script(CLAIM_LUA)
+        self._cleanup = client.register_script(CLEANUP_LUA)
+        self._extend = client.register_script(EXTEND_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+        self._backlog = client.register_script(BACKLOG_LUA)
+
+    async def dirty_count(self) -> int:
+        """How many buckets are dirty right now."""
+        return int(await self.client.zcard(self.keys.dirty))
+
+    async def inflight_units(self) -> list[str]:
+        """Units claimed but not cleaned up (by a running or a dead flusher), oldest first."""
+        return [_text(unit) for unit in await self.client.zrange(self.keys.inflight, 0, -1)]
+
+    async def claim(self, unit_id: str, limit: int) -> Claim:
+        """Atomically move up to ``limit`` oldest dirty buckets into staging keys owned by ``unit_id``."""
+        k = self.keys
+        reply = await self._claim(
+            keys=[k.dirty, k.inflight, k.unit(unit_id), k.claim_seq, k.claim_hold],
+            args=[unit_id, limit, k.base, k.staging_prefix(unit_id)],
+        )
+        if reply == -1:
+            raise ClaimHeld(unit_id)
+        return Claim(unit_id, int(reply[0]), [_text(key) for key in reply[1:]])
+
+    async def read_unit(self, unit_id: str) -> list[StagedBucket]:
+        """The staged buckets of a unit with their counts (staging keys never change once claimed)."""
+        staged_keys = sorted(_text(key) for key in await self.client.smembers(self.keys.unit(unit_id)))
+        if not staged_keys:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in staged_keys:
+                pipe.hgetall(key)
+            hashes = await pipe.execute()
+        buckets = []
+        for key, values in zip(staged_keys, hashes, strict=True):
+            counts = {_text(f): int(v) for f, v in values.items()}
+            buckets.append(StagedBucket(self.keys.unstage(unit_id, key), counts))
+        return buckets
+
+    async def cleanup(self, unit_id: str) -> int:
+        """Drop a committed unit's staging keys and in-flight entry; returns how many keys were deleted."""
+        return int(await self._cleanup(keys=[self.keys.unit(unit_id), self.keys.inflight], args=[unit_id]))
+
+    async def backlog(self) -> Backlog:
+        """Age of the oldest unflushed bucket (dirty or in flight) and how many are waiting."""
+        age_ms, dirty, inflight = await self._backlog(keys=[self.keys.dirty, self.keys.inflight])
+        return Backlog(round(max(int(age_ms), 0) / 1000, 3), int(dirty), int(inflight))
+
+    # lock -----------------------------------------------------------------------------------------
+    async def acquire_lock(self, ttl_ms: int) -> str | None:
+        """SET NX PX with a fresh token; the token, or None if another flusher holds the lock."""
+        token = uuid.uuid4().hex
+        ok = await self.client.set(self.keys.lock, token, nx=True, px=ttl_ms)
+        return token if ok else None
+
+    async def extend_lock(self, token: str, ttl_ms: int) -> bool:
+        """Extend our lock; False if it is no longer ours."""
+        return bool(await self._extend(keys=[self.keys.lock], args=[token, ttl_ms]))
+
+    async def release_lock(self, token: str) -> bool:
+        """Release our lock (compare-and-delete); False if it was no longer ours."""
+        return bool(await self._release(keys=[self.keys.lock], args=[token]))

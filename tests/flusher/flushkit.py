@@ -1,0 +1,147 @@
+"""Test helpers for the flusher and query tests: a writer that does exactly what the sidecar does, the
+expected totals it acknowledged, and readers of PostgreSQL totals and Redis leftovers.
+
+``LuaWriter`` is the stand-in for the sidecar's group-commit writer: one atomic Lua script per write
+(HINCRBY + EXPIRE per bucket, ZADD dirty NX now_ms, SADD ap:pipelines). Anything with the same
+``write(events)`` coroutine (acked when it returns) and ``expected`` counter can replace it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime
+from typing import Any, Protocol
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.keys import KIND_OF_GRANULARITY, PIPELINES_SET, PipelineKeys, user_field
+
+# (kind, event_type, bucket start) for d/h; ("u", event_type, day, user_id) for per-user rows.
+CounterKey = tuple[Any, ...]
+
+WRITE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 3, #ARGV, 3 do
+  redis.call('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  redis.call('EXPIRE', ARGV[i], ARGV[1])
+  redis.call('ZADD', KEYS[1], 'NX', now, ARGV[i])
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+class Writer(Protocol):
+    """What the tests need from a writer: ``write`` returns once the events are acked (stored)."""
+
+    expected: Counter[CounterKey]
+
+    async def write(self, events: Sequence[tuple[str, str | None, datetime]]) -> None: ...
+
+
+def _hour(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+class LuaWriter:
+    """Counts events into live Redis buckets exactly as the sidecar does, and remembers what was acked."""
+
+    def __init__(self, client: aioredis.Redis, config: Config) -> None:
+        self.client = client
+        self.config = config
+        self.keys = PipelineKeys(config.pipeline)
+        self.kinds = [KIND_OF_GRANULARITY[g] for g in config.counters.granularities]
+        self.expected: Counter[CounterKey] = Counter()
+        self._script = client.register_script(WRITE_LUA)
+
+    def increments(self, events: Iterable[tuple[str, str | None, datetime]]) -> Counter[CounterKey]:
+        """The counters a batch of ``(event_type, user_id, timestamp)`` adds, keyed like PostgreSQL rows."""
+        out: Counter[CounterKey] = Counter()
+        for event_type, user_id, moment in events:
+            moment = moment.astimezone(UTC)
+            if "d" in self.kinds:
+                out["d", event_type, moment.date()] += 1
+            if "h" in self.kinds:
+                out["h", event_type, _hour(moment)] += 1
+            if "u" in self.kinds and user_id is not None:
+                out["u", event_type, moment.date(), user_id] += 1
+        return out
+
+    def _args(self, increments: Counter[CounterKey]) -> list[Any]:
+        args: list[Any] = [self.config.counters.ttl_seconds, self.config.pipeline]
+        for key, count in increments.items():
+            if key[0] == "d":
+                args += [self.keys.daily(key[2]), key[1], count]
+            elif key[0] == "h":
+                args += [self.keys.hourly(key[2]), key[1], count]
+            else:
+                args += [self.keys.user_daily(key[2]), user_field(key[1], key[3]), count]
+        return args
+
+    async def write(self, events: Sequence[tuple[str, str | None, datetime]]) -> None:
+        increments = self.increments(events)
+        await self._script(keys=[self.keys.dirty, PIPELINES_SET], args=self._args(increments))
+        self.expected.update(increments)  # acked: the script returned
+
+
+async def pg_counters(conn: asyncpg.Connection, pipeline: str) -> Counter[CounterKey]:
+    """Everything PostgreSQL holds for a pipeline, keyed like ``LuaWriter.expected``."""
+    out: Counter[CounterKey] = Counter()
+    for row in await conn.fetch("SELECT event_type, day, count FROM analytics_daily WHERE pipeline = $1", pipeline):
+        out["d", row["event_type"], row["day"]] = row["count"]
+    for row in await conn.fetch("SELECT event_type, hour, count FROM analytics_hourly WHERE pipeline = $1",
+                                pipeline):
+        out["h", row["event_type"], row["hour"]] = row["count"]
+    for row in await conn.fetch(
+            "SELECT event_type, day, user_id, count FROM analytics_user_daily WHERE pipeline = $1", pipeline):
+        out["u", row["event_type"], row["day"], row["user_id"]] = row["count"]
+    return out
+
+
+async def redis_leftovers(client: aioredis.Redis, keys: PipelineKeys) -> dict[str, list[str]]:
+    """Protocol state that must be empty after a clean run: staging keys, unit sets, in-flight units, dirty."""
+    staging = [k async for k in client.scan_iter(match=keys.scan_pattern.replace("*", "s:*"), count=1000)]
+    units = [k async for k in client.scan_iter(match=keys.scan_pattern.replace("*", "unit:*"), count=1000)]
+    return {"staging": sorted(staging), "units": sorted(units),
+            "inflight": await client.zrange(keys.inflight, 0, -1), "dirty": await client.zrange(keys.dirty, 0, -1)}
+
+
+def assert_clean(leftovers: dict[str, list[str]]) -> None:
+    """No staging key, unit set, in-flight unit or dirty bucket left."""
+    assert leftovers == {"staging": [], "units": [], "inflight": [], "dirty": []}, leftovers
+
+
+def flush_env(config: Config, **extra: str) -> dict[str, str]:
+    """Environment for a flusher subprocess pointed at the config's Redis and PostgreSQL."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ANALYTICS_FLUSH_FAULT", "ANALYTICS_CONFIG")}
+    env.update(REDIS_URL=config.redis_url, DATABASE_URL=config.database_url, ANALYTICS_PIPELINE=config.pipeline)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: Sequence[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m analytics_pipeline <args>`` as a subprocess (blocking)."""
+    return subprocess.run([sys.executable, "-m", "analytics_pipeline", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+async def run_cli_async(args: Sequence[str], env: dict[str, str], limit_s: float = 60) -> tuple[int, str, str]:
+    """``python -m analytics_pipeline <args>`` without blocking the event loop: (returncode, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "analytics_pipeline", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), limit_s)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def today() -> date:
+    return datetime.now(UTC).date()

@@ -1,0 +1,192 @@
+"""The flush protocol in-process: exact totals, writes during a flush, batches, lock, retention, backlog."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import redis.asyncio as aioredis
+from flushkit import LuaWriter, assert_clean, pg_counters, redis_leftovers
+from support import make_config
+
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.keys import PipelineKeys
+from analytics_pipeline.flusher.run import PipelineFlush, flush_pipeline
+from analytics_pipeline.flusher.staging import Staging
+
+NOW = datetime.now(UTC)
+
+
+def events(n: int, *, types: int = 3, users: int = 5, hours: int = 3) -> list[tuple[str, str | None, datetime]]:
+    return [(f"ev{i % types}", f"u{i % users}" if i % 7 else None, NOW - timedelta(hours=i % hours))
+            for i in range(n)]
+
+
+async def test_flush_moves_every_counter_exactly(redis_client: aioredis.Redis, pg: asyncpg.Connection,
+                                                 config: Config, writer: LuaWriter, keys: PipelineKeys) -> None:
+    await writer.write(events(200))
+    await writer.write(events(50, types=2, hours=30))  # several days of buckets
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline, batch_size=2)
+    assert stats.error is None
+    assert stats.units >= 3  # many buckets, batch size 2
+    assert stats.rows == len(writer.expected)
+    assert await pg_counters(pg, config.pipeline) == writer.expected
+    assert_clean(await redis_leftovers(redis_client, keys))
+    # a second run has nothing to do and changes nothing
+    again = await flush_pipeline(redis_client, pg, config, config.pipeline)
+    assert (again.units, again.buckets, again.rows) == (0, 0, 0)
+    assert await pg_counters(pg, config.pipeline) == writer.expected
+
+
+async def test_writes_between_claim_and_cleanup_are_kept(redis_client: aioredis.Redis, pg: asyncpg.Connection,
+                                                        config: Config, writer: LuaWriter,
+                                                        keys: PipelineKeys) -> None:
+    """The seed lost increments that re-dirtied a bucket mid-flush; here they land in a fresh live bucket."""
+    await writer.write(events(30))
+
+    async def write_more(step: str) -> None:
+        if step in ("after_claim", "in_transaction", "after_commit"):
+            await writer.write(events(10))  # same buckets as those being flushed
+
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline, hook=write_more)
+    assert stats.error is None
+    assert await redis_client.zcard(keys.dirty) > 0  # re-dirtied, waiting for the next run
+    assert stats.unflushed_buckets > 0
+    await flush_pipeline(redis_client, pg, config, config.pipeline)
+    assert await pg_counters(pg, config.pipeline) == writer.expected
+    assert_clean(await redis_leftovers(redis_client, keys))
+
+
+async def test_run_is_bounded_under_continuous_writes(redis_client: aioredis.Redis, pg: asyncpg.Connection,
+                                                      config: Config, writer: LuaWriter) -> None:
+    """A run claims what was dirty when it started, so writers re-dirtying buckets cannot keep it going."""
+    await writer.write(events(20))
+    claims = 0
+
+    async def keep_writing(step: str) -> None:
+        nonlocal claims
+        if step == "after_claim":
+            claims += 1
+            await writer.write(events(20))
+
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline, batch_size=1, hook=keep_writing)
+    assert stats.error is None
+    assert claims == stats.units <= 3 * 3 + 3 * 5 + 3  # at most the buckets dirty at the start
+    await flush_pipeline(redis_client, pg, config, config.pipeline)
+    assert await pg_counters(pg, config.pipeline) == writer.expected
+
+
+async def test_recovery_of_a_claimed_unit_and_ledger_skip(redis_client: aioredis.Redis, pg: asyncpg.Connection,
+                                                          config: Config, writer: LuaWriter,
+                                                          keys: PipelineKeys) -> None:
+    """A unit left in flight is re-applied by the next run; if it had committed, the ledger skips it."""
+    await writer.write(events(40))
+    staging = Staging(redis_client, keys)
+    claimed = await staging.claim("deadrun-00001", 1000)
+    assert claimed.staged_keys and await staging.inflight_units() == ["deadrun-00001"]
+    # a dead flusher committed a second unit but never cleaned it up
+    await writer.write(events(5, types=1))
+    flusher = PipelineFlush(redis_client, pg, config, config.pipeline)
+    await staging.claim("deadrun2-00001", 1000)
+    from analytics_pipeline.flusher.store import apply_unit
+
+    committed = await apply_unit(pg, config.pipeline, "deadrun2-00001", await staging.read_unit("deadrun2-00001"))
+    assert committed.applied
+    stats = await flusher.run()
+    assert stats.error is None
+    assert (stats.recovered_units, stats.recovered_runs, stats.skipped_units) == (2, 2, 1)
+    assert await pg_counters(pg, config.pipeline) == writer.expected
+    assert_clean(await redis_leftovers(redis_client, keys))
+
+
+async def test_lock_held_by_another_flusher_skips(redis_client: aioredis.Redis, pg: asyncpg.Connection,
+                                                  config: Config, writer: LuaWriter, keys: PipelineKeys) -> None:
+    await writer.write(events(10))
+    await redis_client.set(keys.lock, "someone-else", px=60_000)
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline)
+    assert stats.locked and stats.units == 0 and stats.unflushed_buckets > 0
+    assert await redis_client.get(keys.lock) == "someone-else"  # not ours to release
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline, use_lock=False)
+    assert stats.units == 1 and await redis_client.get(keys.lock) == "someone-else"
+    assert await pg_counters(pg, config.pipeline) == writer.expected
+
+
+async def test_lock_released_after_run(redis_client: aioredis.Redis, pg: asyncpg.Connection, config: Config,
+                                       writer: LuaWriter, keys: PipelineKeys) -> None:
+    await writer.write(events(3))
+    seen: list[str | None] = []
+
+    async def look(step: str) -> None:
+        if step == "after_claim":
+            seen.append(await redis_client.get(keys.lock))
+
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline, hook=look)
+    assert seen and seen[0] is not None and not stats.lock_lost
+    assert await redis_client.exists(keys.lock) == 0
+
+
+async def test_backlog_age_reports_the_oldest_unflushed_bucket(redis_client: aioredis.Redis,
+                                                               pg: asyncpg.Connection, config: Config,
+                                                               writer: LuaWriter, keys: PipelineKeys) -> None:
+    await writer.write(events(3))
+    old_key = keys.daily(NOW - timedelta(days=1))
+    await redis_client.zadd(keys.dirty, {old_key: (NOW.timestamp() - 3600) * 1000})  # dirty for an hour
+    await redis_client.set(keys.lock, "other", px=60_000)
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline)
+    assert stats.locked
+    assert 3590 < stats.oldest_unflushed_age_s < 3700
+    await redis_client.delete(keys.lock)
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline)
+    assert stats.oldest_unflushed_age_s == 0.0 and stats.unflushed_buckets == 0
+
+
+async def test_retention_deletes_only_old_rows_of_the_named_pipeline(
+        redis_client: aioredis.Redis, pg: asyncpg.Connection, config: Config, writer: LuaWriter,
+        pipeline: str) -> None:
+    other = pipeline + "-other"
+    old = NOW - timedelta(days=40)
+    recent = NOW - timedelta(days=5)
+    short = make_config(pipeline, config.redis_url, config.database_url, flush={"retention_days": 30},
+                        counters={"ttl_seconds": 90 * 86400})
+    other_config = make_config(other, config.redis_url, config.database_url, flush={"retention_days": 30},
+                               counters={"ttl_seconds": 90 * 86400})
+    other_writer = LuaWriter(redis_client, other_config)
+    try:
+        await other_writer.write([("a", "u1", old), ("a", "u1", recent)])
+        other_stats = await flush_pipeline(redis_client, pg, make_config(
+            other, config.redis_url, config.database_url, flush={"retention_days": 400}), other)
+        assert other_stats.error is None and other_stats.retention_deleted_rows == 0
+        await pg.execute("UPDATE analytics_flush_ledger SET applied_at = now() - interval '31 days' "
+                         "WHERE pipeline = ANY($1)", [other])
+        await writer.write([("a", "u1", old), ("a", "u1", recent), ("b", None, old)])
+        stats = await flush_pipeline(redis_client, pg, short, pipeline)
+        assert stats.error is None
+        assert stats.retention_deleted_rows == 5  # the old day: 2 daily, 2 hourly, 1 per-user row
+        mine = await pg_counters(pg, pipeline)
+        assert mine == {key: n for key, n in writer.expected.items() if key[2] != old.date()
+                        and key[2] != old.replace(minute=0, second=0, microsecond=0)}
+        assert await pg_counters(pg, other) == other_writer.expected  # untouched
+        assert await pg.fetchval("SELECT count(*) FROM analytics_flush_ledger WHERE pipeline = $1", other) == 1
+        # ledger retention of the other pipeline happens in its own run only
+        await flush_pipeline(redis_client, pg, other_config, other)
+        assert await pg.fetchval("SELECT count(*) FROM analytics_flush_ledger WHERE pipeline = $1", other) == 0
+    finally:
+        from conftest import delete_pipeline_rows
+
+        await delete_pipeline_rows(pg, other)
+        await redis_client.delete(*[k async for k in redis_client.scan_iter(match=PipelineKeys(other).scan_pattern)])
+        await redis_client.srem("ap:pipelines", other)
+
+
+async def test_missing_schema_is_reported(redis_client: aioredis.Redis, config: Config, writer: LuaWriter,
+                                          schema: str) -> None:
+    await writer.write(events(2))
+    conn = await asyncpg.connect(schema)
+    try:
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS ap_empty_schema_test")
+        await conn.execute("SET search_path TO ap_empty_schema_test")
+        stats = await flush_pipeline(redis_client, conn, config, config.pipeline)
+    finally:
+        await conn.close()
+    assert stats.exit_code == 2 and stats.error and "analytics-pipeline migrate" in stats.error
+    assert await redis_client.zcard(PipelineKeys(config.pipeline).inflight) == 1  # kept for the next run
