@@ -16,13 +16,11 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from flushkit import LuaWriter
+from flushkit import LuaWriter, delete_pipeline_rows
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PIPELINES_SET
 from analytics_pipeline.flusher.migrate import apply_schema
-
-TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger")
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +36,6 @@ def schema(database_url: str) -> str:
 
     asyncio.run(migrate())
     return database_url
-
-
-async def delete_pipeline_rows(conn: asyncpg.Connection, pipeline: str) -> None:
-    for table in TABLES:
-        await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
 
 
 @pytest.fixture

@@ -143,5 +143,14 @@ async def run_cli_async(args: Sequence[str], env: dict[str, str], limit_s: float
     return process.returncode, stdout.decode(), stderr.decode()
 
 
+TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger")
+
+
+async def delete_pipeline_rows(conn: asyncpg.Connection, pipeline: str) -> None:
+    """Remove every row of a test pipeline (tests share one database)."""
+    for table in TABLES:
+        await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
+
+
 def today() -> date:
     return datetime.now(UTC).date()

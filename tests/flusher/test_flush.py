@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import redis.asyncio as aioredis
-from flushkit import LuaWriter, assert_clean, pg_counters, redis_leftovers
+from flushkit import LuaWriter, assert_clean, delete_pipeline_rows, pg_counters, redis_leftovers
 from support import make_config
 
 from analytics_pipeline.core.config import Config
@@ -171,7 +171,6 @@ async def test_retention_deletes_only_old_rows_of_the_named_pipeline(
         await flush_pipeline(redis_client, pg, other_config, other)
         assert await pg.fetchval("SELECT count(*) FROM analytics_flush_ledger WHERE pipeline = $1", other) == 0
     finally:
-        from conftest import delete_pipeline_rows
 
         await delete_pipeline_rows(pg, other)
         await redis_client.delete(*[k async for k in redis_client.scan_iter(match=PipelineKeys(other).scan_pattern)])
