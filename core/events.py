@@ -61,6 +61,10 @@ class RequestRejected(Exception):
     message: str
     errors: list[FieldError] = field(default_factory=list)
     code: str = "invalid_request"
+    events: int = 0  # how many events the refused request held, when it could be parsed
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
     def __str__(self) -> str:
         return self.message
@@ -115,7 +119,8 @@ class EventValidator:
         if len(raw_events) > self.max_batch_events:
             raise RequestRejected(
                 413, f"{len(raw_events)} events in one request, over the limit of {self.max_batch_events}; "
-                "split the batch", [FieldError(None, "batch", "too many events")], code="payload_too_large")
+                "split the batch", [FieldError(None, "batch", "too many events")], code="payload_too_large",
+                events=len(raw_events))
         if not raw_events:
             raise RequestRejected(400, "the request holds no events", [FieldError(None, "batch", "is empty")])
         now = now or datetime.now(UTC)
@@ -132,7 +137,7 @@ class EventValidator:
             raise RequestRejected(
                 413 if too_large else 400,
                 f"{bad} of {len(raw_events)} events are invalid; nothing of this request was counted",
-                errors, code="payload_too_large" if too_large else "invalid_events")
+                errors, code="payload_too_large" if too_large else "invalid_events", events=len(raw_events))
         return events
 
     @staticmethod
@@ -258,8 +263,11 @@ class EventValidator:
 
 
 def parse_timestamp(value: str) -> datetime | None:
-    """An ISO-8601 string as an aware UTC datetime (naive means UTC); None if unparseable."""
-    if len(value) > 64:
+    """An ISO-8601 date-time string as an aware UTC datetime (naive means UTC); None if unparseable.
+
+    A time of day is required ("2026-11-27" alone is refused: it is more likely a bug than midnight).
+    """
+    if len(value) > 64 or ("T" not in value and "t" not in value and " " not in value):
         return None
     try:
         moment = datetime.fromisoformat(value)

@@ -1,0 +1,93 @@
+"""The sidecar's aiohttp application: ``create_app(config)`` wires routes, Redis, committer and metrics.
+
+Lifecycle: on shutdown the app is marked draining (``/readyz`` answers 503); aiohttp then waits
+for the handlers in flight, and only after them the committer writes what is still pending and
+the Redis connections close, so every request that was acknowledged is in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.events import EventValidator
+
+from .appkeys import CONFIG, REDIS, REGISTRY, STATE
+from .committer import GroupCommitter
+from .dashboard import setup_dashboard
+from .health import setup_health_routes
+from .ingest import setup_ingest_routes
+from .metrics import SidecarMetrics
+from .query_routes import setup_query_routes
+from .reload import ConfigWatcher
+from .state import SidecarState
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def never_500(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn any unexpected exception of any route into a logged 503 with Retry-After, never a 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s; answering 503", request.method, request.path)
+        state = request.app[STATE]
+        state.metrics.refused("internal_error")
+        body = {"error": "internal_error", "message": "internal error; retry later", "errors": []}
+        return web.Response(status=503, body=orjson.dumps(body), content_type="application/json",
+                            headers={"Retry-After": str(state.config.server.retry_after_seconds)})
+
+
+def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = None,
+               reload_interval: float = 2.0, fence_deadline_seconds: float | None = None) -> web.Application:
+    """Build the sidecar app for ``config``; with ``config_path`` the file is watched and reloaded live."""
+    app = web.Application(middlewares=[never_500], client_max_size=config.ingest.max_request_bytes + 1)
+    metrics = SidecarMetrics()
+    committer = GroupCommitter(config, metrics, fence_deadline_seconds=fence_deadline_seconds)
+    state = SidecarState(config, EventValidator(config), committer, metrics)
+    metrics.watch(lambda: state.in_flight, lambda: committer.pending_events, lambda: committer.writes_in_flight)
+    timeout = config.server.redis_timeout_seconds
+    app[CONFIG] = config
+    app[STATE] = state
+    app[REGISTRY] = metrics.registry
+    app[REDIS] = aioredis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=timeout,
+                                         socket_connect_timeout=timeout)
+    setup_ingest_routes(app)
+    setup_health_routes(app)
+    setup_query_routes(app)
+    setup_dashboard(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        watcher_task = None
+        if config_path is not None:
+            watcher_task = asyncio.create_task(ConfigWatcher(app, config_path, reload_interval).run())
+        yield
+        if watcher_task is not None:
+            watcher_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher_task
+        # Runs after aiohttp waited for in-flight handlers: drain the committer, then close Redis.
+        await state.committer.close(timeout=app[CONFIG].server.shutdown_timeout_seconds)
+        await app[REDIS].aclose()
+
+    async def mark_draining(app: web.Application) -> None:
+        state.draining = True
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(mark_draining)
+    return app

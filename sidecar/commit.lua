@@ -1,0 +1,92 @@
+-- One group commit of the ingest sidecar: every event of every request in the batch, atomically.
+--
+-- KEYS[1]                   dirty ZSET (bucket key -> ms first dirtied)
+-- KEYS[2]                   ap:pipelines SET
+-- KEYS[3]                   this commit's fence token
+-- KEYS[4 .. 3+nd]           fence tokens of earlier commits whose reply was received (deleted here)
+-- KEYS[4+nd .. 3+nd+nb]     live bucket hashes touched by this batch
+-- KEYS[4+nd+nb ..]          one message-id dedup key per deduplicated event, in order
+-- ARGV[1] ttl seconds   ARGV[2] pipeline   ARGV[3] dedup window seconds
+-- ARGV[4] nd            ARGV[5] nb         ARGV[6] na (aggregated triples)
+-- ARGV[7 ..]            na triples: bucket number (1..nb), field, increment
+-- then, per deduplicated event: n, followed by n pairs: bucket number, field (increment 1)
+--
+-- Returns {1, ordinals of duplicate events...} when applied, {0} when the token already existed
+-- (the commit was fenced off, or already applied): in that case nothing was written.
+-- The token ends up holding "ok:<ordinals>" so a fence after an ambiguous timeout can tell both
+-- that the commit was applied and which of its events were duplicates.
+
+local nd = tonumber(ARGV[4])
+local nb = tonumber(ARGV[5])
+local na = tonumber(ARGV[6])
+local boff = 3 + nd
+local moff = boff + nb
+
+-- Refuse before writing anything if a key has a foreign type: a script that fails half-way is
+-- not rolled back, so every failure must happen here.
+local function expect(key, wanted)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= wanted then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', expected a ' .. wanted)
+  end
+  return nil
+end
+local err = expect(KEYS[1], 'zset') or expect(KEYS[2], 'set')
+if err then return err end
+for b = 1, nb do
+  err = expect(KEYS[boff + b], 'hash')
+  if err then return err end
+end
+
+if not redis.call('SET', KEYS[3], 'run', 'NX', 'PX', 600000) then
+  return {0}
+end
+
+local touched = {}
+local a = 7
+for _ = 1, na do
+  local b = tonumber(ARGV[a])
+  redis.call('HINCRBY', KEYS[boff + b], ARGV[a + 1], ARGV[a + 2])
+  touched[b] = true
+  a = a + 3
+end
+
+local result = {1}
+local dups = {}
+local m = 0
+local window = ARGV[3]
+local last = #ARGV
+while a <= last do
+  m = m + 1
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  if redis.call('SET', KEYS[moff + m], '1', 'NX', 'EX', window) then
+    for _ = 1, n do
+      local b = tonumber(ARGV[a])
+      redis.call('HINCRBY', KEYS[boff + b], ARGV[a + 1], 1)
+      touched[b] = true
+      a = a + 2
+    end
+  else
+    result[#result + 1] = m
+    dups[#dups + 1] = m
+    a = a + 2 * n
+  end
+end
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = ARGV[1]
+for b = 1, nb do
+  if touched[b] then
+    local key = KEYS[boff + b]
+    redis.call('EXPIRE', key, ttl)
+    redis.call('ZADD', KEYS[1], 'NX', now_ms, key)
+  end
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+for i = 4, 3 + nd do
+  redis.call('DEL', KEYS[i])
+end
+redis.call('SET', KEYS[3], 'ok:' .. table.concat(dups, ','), 'PX', 600000)
+return result

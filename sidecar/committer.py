@@ -1,0 +1,414 @@
+"""Group commit: the events of every request that arrived within a few ms go to Redis in ONE Lua call.
+
+Requests hand their validated events to :meth:`GroupCommitter.submit` and await the returned future;
+it resolves (to the number of duplicates among them) only once the script that counted them has
+answered, or fails with :class:`CommitFailed`, in which case nothing of the request was counted.
+
+Why this shape: the Python process, not Redis, is the bottleneck, so Redis work is amortised over
+all requests of a window (one EVALSHA, identical increments summed in Python), while at most
+``MAX_IN_FLIGHT`` writes are outstanding and the next batch accumulates behind them.
+
+A reply that never came (timeout, connection lost after sending) is ambiguous: the script may or
+may not have run. Every commit therefore carries a unique token that the script claims first
+(``SET token NX``); after an ambiguous failure we *fence* on a fresh connection with the same
+``SET NX``: if the fence wins, the script can never run any more (it would find the token), so the
+requests get 503; if the token is there, the script ran, and its value tells which events were
+duplicates, so the requests get 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.events import Event
+from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
+
+from .buckets import BucketKeyCache, hour_number
+from .metrics import SidecarMetrics
+from .resp import RespConnection
+
+log = logging.getLogger(__name__)
+
+SCRIPT = resources.files(__package__).joinpath("commit.lua").read_text(encoding="utf-8")
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+MAX_IN_FLIGHT = 2  # writes outstanding at once; the next batch accumulates behind them
+FENCE_TTL_MS = 600_000  # how long a token (and so a fence) outlives its commit
+MAX_DONE_TOKENS = 256  # tokens of answered commits deleted by the next script
+_AMBIGUOUS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+
+class CommitFailed(Exception):
+    """Nothing of the request was counted; answer 503 (``reason`` says why, for logs and metrics)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class CommitSettings:
+    """The parts of the config a commit needs, read once per batch (replaced on config reload)."""
+
+    ttl_seconds: int
+    dedup_window_seconds: int
+    daily: bool
+    hourly: bool
+    user_daily: bool
+    max_events: int
+    window_seconds: float
+    timeout_seconds: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> CommitSettings:
+        granularities = set(config.counters.granularities)
+        return cls(config.counters.ttl_seconds, config.ingest.dedup_window_seconds,
+                   "daily" in granularities, "hourly" in granularities, "user_daily" in granularities,
+                   config.server.group_commit_max_events, config.server.group_commit_window_ms / 1000.0,
+                   config.server.redis_timeout_seconds)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Keys and arguments of one EVALSHA, plus which request owns each deduplicated event."""
+
+    keys: list[str]
+    args: list[str | int]
+    msg_owner: list[int]
+    events: int
+
+
+_Pending = tuple[Sequence[Event], "asyncio.Future[int]"]
+
+
+class GroupCommitter:
+    """Batches submitted events into atomic Lua writes; see the module docstring for the protocol."""
+
+    def __init__(self, config: Config, metrics: SidecarMetrics | None = None,
+                 fence_deadline_seconds: float | None = None) -> None:
+        self.keys = PipelineKeys(config.pipeline)
+        self.pipeline = config.pipeline
+        self.metrics = metrics or SidecarMetrics()
+        self.settings = CommitSettings.from_config(config)
+        timeout = config.server.redis_timeout_seconds
+        self.fence_deadline = fence_deadline_seconds or max(30.0, 10 * timeout)
+        # Our own connections (never shared, never retried): a command is sent at most once.
+        self._redis_url = config.redis_url
+        self._lanes = [RespConnection(config.redis_url, timeout) for _ in range(MAX_IN_FLIGHT)]
+        self._free_lanes: list[RespConnection] = list(self._lanes)
+        self._buckets = BucketKeyCache(self.keys)
+        self._pending: list[_Pending] = []
+        self._pending_events = 0
+        self._max_pending_events = max(50_000, 20 * self.settings.max_events)
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+        self._done_tokens: list[str] = []
+        self._instance = uuid.uuid4().hex[:16]
+        self._sequence = itertools.count(1)
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -------------------------------------------------------------------------------- public API
+    @property
+    def pending_events(self) -> int:
+        return self._pending_events
+
+    @property
+    def writes_in_flight(self) -> int:
+        return len(self._writes)
+
+    def update(self, config: Config) -> None:
+        """Apply a reloaded config (TTL, granularities, dedup window, window sizes) to later batches."""
+        self.settings = CommitSettings.from_config(config)
+
+    def submit(self, events: Sequence[Event]) -> asyncio.Future[int]:
+        """Queue one request's events; the future yields its duplicate count once stored in Redis."""
+        if self._closed:
+            raise CommitFailed("closed", "the sidecar is shutting down")
+        if self._pending_events >= self._max_pending_events:
+            raise CommitFailed("overloaded", f"{self._pending_events} events already wait for Redis")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._pending.append((events, future))
+        self._pending_events += len(events)
+        if self._pending_events >= self.settings.max_events:
+            self._dispatch()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.settings.window_seconds, self._on_timer)
+        return future
+
+    async def commit(self, events: Sequence[Event]) -> int:
+        """Submit and wait: the number of duplicates among ``events`` (CommitFailed if not stored)."""
+        return await self.submit(events)
+
+    async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - a drain budget, not a cancel
+        """Write what is pending, wait for writes in flight (at most ``timeout``), close connections."""
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        while self._pending or self._writes:
+            self._dispatch()
+            if self._writes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await asyncio.wait(set(self._writes), timeout=remaining)
+            elif self._pending:  # no lane free yet
+                await asyncio.sleep(0.001)
+        for task in list(self._writes):
+            task.cancel()
+        for _events, future in self._pending:
+            if not future.done():
+                future.set_exception(CommitFailed("closed", "the sidecar shut down before this was written"))
+        self._pending.clear()
+        for lane in self._lanes:
+            lane.abort()
+
+    # -------------------------------------------------------------------------------- batching
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start writes for pending requests while a lane is free; each takes whole requests only."""
+        max_events = self.settings.max_events
+        while self._pending and len(self._writes) < MAX_IN_FLIGHT:
+            pending = self._pending
+            if self._pending_events <= max_events:
+                batch, self._pending = pending, []
+                self._pending_events = 0
+            else:
+                taken = count = 0
+                for events, _ in pending:
+                    if taken and count + len(events) > max_events:
+                        break
+                    count += len(events)
+                    taken += 1
+                batch, self._pending = pending[:taken], pending[taken:]
+                self._pending_events -= count
+            lane = self._free_lanes.pop()
+            task = asyncio.get_running_loop().create_task(self._write(lane, batch))
+            self._writes.add(task)
+            task.add_done_callback(self._write_done)
+        if self._pending and self._timer is not None and len(self._writes) >= MAX_IN_FLIGHT:
+            # No lane: the next write completion dispatches; the timer is of no use meanwhile.
+            self._timer.cancel()
+            self._timer = None
+
+    def _write_done(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if self._pending:
+            self._dispatch()
+
+    # -------------------------------------------------------------------------------- one write
+    def _plan(self, batch: list[_Pending], token_key: str, done_tokens: list[str]) -> _Plan:
+        """Turn a batch into the script's KEYS/ARGV: summed increments, then per-message-id events."""
+        s = self.settings
+        daily, hourly, user_daily = s.daily, s.hourly, s.user_daily
+        dedup = s.dedup_window_seconds > 0
+        for_hour = self._buckets.for_hour
+        message_key = self.keys.message
+        bucket_index: dict[str, int] = {}
+        bucket_keys: list[str] = []
+        sums: dict[tuple[int, str], int] = {}
+        msg_keys: list[str] = []
+        msg_args: list[str | int] = []
+        msg_owner: list[int] = []
+        total = 0
+
+        def index(key: str) -> int:
+            number = bucket_index.get(key)
+            if number is None:
+                bucket_keys.append(key)
+                number = bucket_index[key] = len(bucket_keys)
+            return number
+
+        last_ts = None
+        last_keys: tuple[str, str, str] = ("", "", "")
+        for owner, (events, _) in enumerate(batch):
+            total += len(events)
+            for event in events:
+                ts = event.timestamp
+                if ts is not last_ts:
+                    last_keys = for_hour(hour_number(ts))
+                    last_ts = ts
+                name = event.event_type
+                user = event.user_id
+                if dedup and event.message_id is not None:
+                    incs: list[str | int] = []
+                    if daily:
+                        incs += (index(last_keys[0]), name)
+                    if hourly:
+                        incs += (index(last_keys[1]), name)
+                    if user_daily and user is not None:
+                        incs += (index(last_keys[2]), f"{name}\x1f{user}")
+                    msg_keys.append(message_key(event.message_id))
+                    msg_args.append(len(incs) // 2)
+                    msg_args += incs
+                    msg_owner.append(owner)
+                    continue
+                if daily:
+                    pair = (index(last_keys[0]), name)
+                    sums[pair] = sums.get(pair, 0) + 1
+                if hourly:
+                    pair = (index(last_keys[1]), name)
+                    sums[pair] = sums.get(pair, 0) + 1
+                if user_daily and user is not None:
+                    pair = (index(last_keys[2]), f"{name}\x1f{user}")
+                    sums[pair] = sums.get(pair, 0) + 1
+        keys: list[str] = [self.keys.dirty, PIPELINES_SET, token_key, *done_tokens, *bucket_keys, *msg_keys]
+        args: list[str | int] = [s.ttl_seconds, self.pipeline, s.dedup_window_seconds or 1,
+                                 len(done_tokens), len(bucket_keys), len(sums)]
+        for (number, field), count in sums.items():
+            args += (number, field, count)
+        args += msg_args
+        return _Plan(keys, args, msg_owner, total)
+
+    async def _write(self, lane: RespConnection, batch: list[_Pending]) -> None:
+        metrics = self.metrics
+        token_key = self.keys.group_commit(f"{self._instance}:{next(self._sequence)}")
+        done_tokens, self._done_tokens = self._done_tokens[:MAX_DONE_TOKENS], self._done_tokens[MAX_DONE_TOKENS:]
+        started = time.perf_counter()
+        try:
+            plan = self._plan(batch, token_key, done_tokens)
+            reply = await self._execute(lane, plan, token_key)
+        except CommitFailed as failure:
+            self._done_tokens.extend(done_tokens)
+            metrics.commit_failures.labels(failure.reason).inc()
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+            return
+        except BaseException as error:  # cancelled at shutdown, or a bug: nobody may hang
+            self._done_tokens.extend(done_tokens)
+            failure = CommitFailed("internal_error", f"write failed: {error!r}")
+            if not isinstance(error, asyncio.CancelledError):
+                log.exception("group commit failed unexpectedly")
+                metrics.commit_failures.labels("internal_error").inc()
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            return
+        finally:
+            self._free_lanes.append(lane)
+        metrics.redis_write_seconds.observe(time.perf_counter() - started)
+        self._done_tokens.append(token_key)
+        duplicates = [0] * len(batch)
+        for ordinal in reply:
+            duplicates[plan.msg_owner[ordinal - 1]] += 1
+        dup_total = len(reply)
+        metrics.events_accepted.inc(plan.events - dup_total)
+        if dup_total:
+            metrics.events_duplicate.inc(dup_total)
+        metrics.requests_accepted.inc(len(batch))
+        metrics.commit_events.observe(plan.events)
+        metrics.commit_requests.observe(len(batch))
+        for (_, future), dups in zip(batch, duplicates, strict=True):
+            if not future.done():
+                future.set_result(dups)
+
+    async def _execute(self, lane: RespConnection, plan: _Plan, token_key: str) -> list[int]:
+        """Run the script once (reloading it on NOSCRIPT); the duplicate ordinals, or CommitFailed."""
+        try:
+            await lane.connect()  # a connection the server closed is seen as such: reconnects
+        except (RedisError, OSError) as error:
+            raise CommitFailed("redis_unavailable", f"cannot connect to Redis: {error}") from None
+        for attempt in (1, 2):
+            try:
+                reply = await lane.execute("EVALSHA", SCRIPT_SHA, len(plan.keys), *plan.keys, *plan.args)
+            except NoScriptError:
+                if attempt == 2:
+                    raise CommitFailed("redis_error", "Redis keeps forgetting the commit script") from None
+                await self._load_script(lane)
+                continue
+            except ResponseError as error:
+                log.error("Redis refused the group commit: %s", error, extra={"pipeline": self.pipeline})
+                raise CommitFailed("redis_error", f"Redis refused the write: {error}") from None
+            except _AMBIGUOUS as error:
+                return await self._resolve_ambiguous(token_key, error)
+            return self._parse_reply(reply)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _load_script(self, lane: RespConnection) -> None:
+        try:
+            await lane.execute("SCRIPT", "LOAD", SCRIPT)
+        except ResponseError as error:
+            raise CommitFailed("redis_error", f"cannot load the commit script: {error}") from None
+        except _AMBIGUOUS as error:  # loading a script is idempotent: nothing was counted
+            raise CommitFailed("redis_unavailable", f"Redis unavailable: {error!r}") from None
+
+    @staticmethod
+    def _parse_reply(reply: list[int]) -> list[int]:
+        if not reply or int(reply[0]) != 1:
+            # The token existed before this script ran: impossible for a fresh token unless a fence
+            # from a previous life of this exact token won. Nothing was written by this call.
+            raise CommitFailed("redis_error", "the commit was fenced off before it ran")
+        return [int(ordinal) for ordinal in reply[1:]]
+
+    # -------------------------------------------------------------------------------- fencing
+    async def _resolve_ambiguous(self, token_key: str, error: BaseException) -> list[int]:
+        """Decide whether an unanswered script ran: fence its token until Redis answers."""
+        log.warning("Redis write outcome unknown (%r); fencing token %s", error, token_key,
+                    extra={"pipeline": self.pipeline})
+        found = await self.fence(token_key)
+        if found is _UNKNOWN:
+            self.metrics.ambiguous_writes.labels("unknown").inc()
+            log.error("could not decide whether group commit %s was applied within %.0f s; answering 503 "
+                      "(events without message_id may be counted twice if clients retry)", token_key,
+                      self.fence_deadline, extra={"pipeline": self.pipeline})
+            raise CommitFailed("unknown_outcome", "Redis did not answer; the outcome of the write is unknown")
+        if found is None or found == b"fenced":
+            self.metrics.ambiguous_writes.labels("fenced").inc()
+            log.info("fence won for %s: the write will never apply", token_key, extra={"pipeline": self.pipeline})
+            raise CommitFailed("redis_unavailable", f"Redis did not answer in time ({error!r}); nothing was counted")
+        self.metrics.ambiguous_writes.labels("applied").inc()
+        text = found.decode() if isinstance(found, bytes) else str(found)
+        log.info("fence found %s applied", token_key, extra={"pipeline": self.pipeline})
+        ordinals = text.partition(":")[2]
+        return [int(part) for part in ordinals.split(",") if part]
+
+    async def fence(self, token_key: str) -> bytes | object | None:
+        """``SET token fenced NX PX GET`` on fresh connections until Redis answers or the deadline.
+
+        Returns None when the fence won (or an earlier fence of ours had), the token's value when the
+        commit had run first, or ``_UNKNOWN`` when Redis never answered within the deadline.
+        """
+        deadline = time.monotonic() + self.fence_deadline
+        delay = 0.02
+        while True:
+            connection = RespConnection(self._redis_url, self.settings.timeout_seconds)
+            try:
+                await connection.connect()
+                try:
+                    found = await connection.execute("SET", token_key, "fenced", "NX", "PX", FENCE_TTL_MS, "GET")
+                except ResponseError:  # Redis < 7 refuses NX together with GET
+                    won = await connection.execute("SET", token_key, "fenced", "NX", "PX", FENCE_TTL_MS)
+                    found = None if won is not None else await connection.execute("GET", token_key)
+                return found  # type: ignore[no-any-return]
+            except _AMBIGUOUS:
+                pass
+            finally:
+                connection.abort()
+            if time.monotonic() >= deadline:
+                return _UNKNOWN
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+_UNKNOWN = object()
