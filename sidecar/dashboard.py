@@ -2,13 +2,16 @@
 
 ``setup_dashboard(app)`` registers the route. The numbers come from one provider callable,
 ``load_dashboard_data(app)`` by default (PostgreSQL totals + unflushed Redis through
-``core/queries.py``); tests pass their own provider with known data.
+``core/queries.py``); tests pass their own provider with known data. Page loads that arrive
+together share one read, and a read is reused for ``REUSE_SECONDS``, so many open dashboards cost
+the stores no more than one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -20,12 +23,11 @@ from aiohttp import web
 from .appkeys import CONFIG
 from .dashboard_model import DashboardData
 from .dashboard_render import CONTENT_SECURITY_POLICY, RenderOptions, Theme, render_dashboard, render_error
+from .dashboard_source import DashboardUnavailable, install, read_dashboard_data
 
 log = logging.getLogger(__name__)
 
 DashboardProvider = Callable[[web.Application], Awaitable[DashboardData]]
-# Where the page gets its numbers; set by setup_dashboard (tests may pass their own provider).
-DASHBOARD_PROVIDER = web.AppKey("dashboard_provider", DashboardProvider)
 
 DEFAULT_REFRESH_SECONDS = 30
 MIN_REFRESH_SECONDS = 5
@@ -34,38 +36,63 @@ THEMES: tuple[Theme, ...] = ("auto", "light", "dark")
 # How long the page may wait for its numbers before it answers 503 (the browser simply retries).
 LOAD_TIMEOUT_SECONDS = 10.0
 RETRY_AFTER_SECONDS = 5
+# A snapshot younger than this is served again instead of reading the stores once more.
+REUSE_SECONDS = 2.0
 
 
-class DashboardUnavailable(Exception):
-    """The numbers cannot be read right now; the page answers 503 with this message."""
+class SharedLoader:
+    """Calls the provider for the page: concurrent loads share one call, a result is reused briefly."""
+
+    def __init__(self, provider: DashboardProvider, reuse_seconds: float) -> None:
+        self.provider = provider
+        self.reuse_seconds = reuse_seconds
+        self.calls = 0
+        self._running: asyncio.Future[DashboardData] | None = None
+        self._last: tuple[float, DashboardData] | None = None
+
+    async def load(self, app: web.Application) -> DashboardData:
+        if self._last is not None and time.monotonic() - self._last[0] < self.reuse_seconds:
+            return self._last[1]
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._call(app))
+            # Retrieve the outcome even if every waiter gave up, so no "never retrieved" warning.
+            self._running.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # shield: one impatient page (timeout, closed tab) must not cancel the read the others wait for.
+        return await asyncio.shield(self._running)
+
+    async def _call(self, app: web.Application) -> DashboardData:
+        try:
+            self.calls += 1
+            data = await self.provider(app)
+            self._last = (time.monotonic(), data)
+            return data
+        finally:
+            self._running = None
 
 
-class QueryModuleUnavailable(DashboardUnavailable):
-    """``core/queries.py`` (the shared query module) is not installed in this build."""
+# Where the page gets its numbers; set by setup_dashboard (tests may pass their own provider).
+DASHBOARD_LOADER = web.AppKey("dashboard_loader", SharedLoader)
 
 
-def setup_dashboard(app: web.Application, provider: DashboardProvider | None = None) -> None:
+def setup_dashboard(app: web.Application, provider: DashboardProvider | None = None,
+                    reuse_seconds: float | None = None) -> None:
     """Register ``GET /`` (the dashboard) on ``app``; ``provider`` replaces the real query path."""
-    app[DASHBOARD_PROVIDER] = provider or load_dashboard_data
+    if provider is None:
+        install(app)
+        provider = load_dashboard_data
+    app[DASHBOARD_LOADER] = SharedLoader(provider, REUSE_SECONDS if reuse_seconds is None else reuse_seconds)
     app.router.add_get("/", handle_dashboard, name="dashboard")
 
 
 async def load_dashboard_data(app: web.Application) -> DashboardData:
     """The dashboard's numbers from the shared query module (PostgreSQL totals + unflushed Redis)."""
-    try:
-        from .dashboard_source import read_dashboard_data
-    except ImportError as error:  # the query module is part of another delivery
-        log.error("dashboard: query module not importable: %r", error)
-        raise QueryModuleUnavailable(
-            f"query module not available ({error.name or error}); the sidecar still counts events"
-        ) from None
     return await read_dashboard_data(app)
 
 
 def _bad_parameter(field: str, reason: str) -> web.HTTPBadRequest:
     body = {"error": "invalid_request", "message": f"{field}: {reason}",
             "errors": [{"index": None, "field": field, "reason": reason}]}
-    return web.HTTPBadRequest(body=orjson.dumps(body), content_type="application/json")
+    return web.HTTPBadRequest(text=orjson.dumps(body).decode(), content_type="application/json")
 
 
 def parse_options(query: Mapping[str, str], ingest_url: str) -> RenderOptions:
@@ -104,10 +131,10 @@ def _headers(extra: Mapping[str, str] | None = None) -> dict[str, Any]:
 async def handle_dashboard(request: web.Request) -> web.Response:
     """``GET /``: the dashboard page, or a 503 page (same look, keeps refreshing) without numbers."""
     options = parse_options(request.query, _ingest_url(request))
-    provider = request.app[DASHBOARD_PROVIDER]
+    loader = request.app[DASHBOARD_LOADER]
     try:
         async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
-            data = await provider(request.app)
+            data = await loader.load(request.app)
     except DashboardUnavailable as error:
         return _unavailable(options, str(error))
     except (TimeoutError, OSError, redis.exceptions.RedisError, asyncpg.PostgresError,

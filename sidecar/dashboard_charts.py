@@ -178,6 +178,24 @@ def _tooltip(slot: Slot, series: Sequence[Series], index: int) -> tuple[str, int
     return "\n".join(lines), total
 
 
+def _outline(points: Sequence[str], values: Sequence[int]) -> str:
+    """The top edge of a stacked layer, leaving out stretches where the layer is empty: there it would
+    lie on the edge of the layer below and draw that layer's peaks in this layer's colour."""
+    parts: list[str] = []
+    pen_down = False
+    for i in range(len(points) - 1):
+        if values[i] == 0 and values[i + 1] == 0:
+            pen_down = False
+            continue
+        if not pen_down:
+            parts.append(f"M{points[i]}")
+            pen_down = True
+        parts.append(f"L{points[i + 1]}")
+    if len(points) == 1 and values[0]:
+        parts.append(f"M{points[0]} h0.01")
+    return " ".join(parts)
+
+
 def stacked_area_chart(chart_id: str, title: str, slots: Sequence[Slot], series: Sequence[Series],
                        frame: Frame, tick: TickLabel, empty_message: str) -> str:
     """Stacked areas (first series at the bottom) with a hover column and a dot per series per slot."""
@@ -195,7 +213,9 @@ def stacked_area_chart(chart_id: str, title: str, slots: Sequence[Slot], series:
         attr = _series_attr(s)
         layers.append(f'<path class="area" {attr} d="M{" L".join(top_pts)} L{" L".join(bottom_pts)} Z" '
                       f'fill="{color}"/>')
-        layers.append(f'<path class="line" {attr} d="M{" L".join(top_pts)}" stroke="{color}"/>')
+        outline = _outline(top_pts, s.values)
+        if outline:
+            layers.append(f'<path class="line" {attr} d="{outline}" stroke="{color}"/>')
         lower = upper
     body.append('<g class="layers">' + "".join(layers) + "</g>")
     body.append(canvas.x_axis(tick))
@@ -276,7 +296,8 @@ def single_area_chart(chart_id: str, title: str, slots: Sequence[Slot], values: 
     for i, slot in enumerate(slots):
         count = values[i]
         tooltip = f"{slot.label}\n{fmt_int(count)} unique users"
-        dot = (f'<circle class="dot always" data-series="{escape(name)}" data-bucket="{slot.key}" '
+        visible = " always" if count else ""
+        dot = (f'<circle class="dot{visible}" data-series="{escape(name)}" data-bucket="{slot.key}" '
                f'data-count="{count}" cx="{_f(canvas.x(i))}" cy="{_f(canvas.y(count))}" r="3.5" '
                f'fill="{USERS_COLOR}"><title>{escape(tooltip)}</title></circle>')
         cls = "slot current" if slot.current else "slot"

@@ -33,6 +33,7 @@ class DashboardData:
     uniques: Sequence[tuple[date, int]] | None
     hours: int = HOURS
     days: int = DAYS
+    distinct_users: int | None = None  # distinct users over the whole daily window, when known
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,7 @@ class DashboardView:
     uniques: tuple[tuple[Slot, ...], tuple[int, ...]] | None
     event_types: tuple[str, ...]  # ordered by 30-day total (then 48 h total), descending
     colors: Mapping[str, int] = field(default_factory=dict)
+    distinct_users: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -194,7 +196,7 @@ def build_view(data: DashboardData) -> DashboardView:
     ordered = sorted((n for n, t in totals.items() if t != (0, 0)), key=lambda n: (-totals[n][0], -totals[n][1], n))
     colors = {name: i for i, name in enumerate(ordered)}
     return DashboardView(data.pipeline, now, _drop_empty(hourly, ordered), _drop_empty(daily, ordered),
-                         uniques, tuple(ordered), colors)
+                         uniques, tuple(ordered), colors, data.distinct_users)
 
 
 def _drop_empty(table: Table | None, keep: list[str]) -> Table | None:

@@ -112,7 +112,7 @@ animation:pulse 2s infinite}
 @media (prefers-reduced-motion:reduce){.live{animation:none}}
 .stale-msg{display:none;color:var(--bad);font-weight:600}
 html.stale .stale-msg{display:inline}html.stale .live{background:var(--bad);animation:none}
-.stats{display:grid;grid-template-columns:repeat(4,minmax(0,1fr));gap:16px;margin-bottom:16px}
+.stats{display:grid;grid-template-columns:repeat(auto-fit,minmax(210px,1fr));gap:16px;margin-bottom:16px}
 .card,.stat{background:var(--card);border:1px solid var(--border);border-radius:12px;box-shadow:var(--shadow)}
 .stat{padding:16px 18px}
 .stat .label{color:var(--muted);font-size:13px;font-weight:500}
@@ -144,7 +144,7 @@ margin-bottom:10px}
 .chart .dot{opacity:0;stroke:var(--card);stroke-width:1.5}
 .chart .slot:hover .dot,.chart .dot.always{opacity:1}
 .chart .slot:hover .bar{filter:brightness(1.12)}
-.chart .slot.current .bar{fill-opacity:.6}
+.chart .slot.current .bar{fill-opacity:.72}
 .chart .nodata{fill:var(--faint);font-size:15px}
 .top-events{width:100%;border-collapse:collapse;font-size:13px}
 .top-events td,.top-events th{padding:6px 0;text-align:left;vertical-align:middle}
@@ -183,8 +183,9 @@ table.data td.zero{color:var(--faint)}table.data .total{font-weight:600}
 .off-card{color:var(--muted);padding:28px 20px;text-align:center}
 footer{color:var(--faint);font-size:12px;margin-top:8px;display:flex;justify-content:space-between;flex-wrap:wrap;
 gap:8px}
-@media (max-width:1000px){.stats{grid-template-columns:repeat(2,minmax(0,1fr))}.row{grid-template-columns:1fr}}
-@media (max-width:700px){#app{padding:16px 12px 32px}.chart.area-chart{min-width:1100px}
+@media (max-width:1000px){.row{grid-template-columns:1fr}}
+@media (max-width:700px){#app{padding:16px 12px 32px}.stats{grid-template-columns:repeat(2,minmax(0,1fr))}
+.chart.area-chart{min-width:1100px}
 .chart.bar-chart,.chart.line-chart{min-width:720px}.stat .value{font-size:26px}}
 """
 
@@ -244,6 +245,10 @@ def _stats(view: DashboardView) -> str:
         today, yesterday = values[-1] if values else 0, values[-2] if len(values) > 1 else 0
         cards.append(_stat("users_today", "Unique users · today", today,
                            f"yesterday {fmt_int(yesterday)} · peak {fmt_int(max(values, default=0))}"))
+        if view.distinct_users is not None:
+            days = len(values)
+            cards.append(_stat("users_window", f"Unique users · {days} days", view.distinct_users,
+                               "distinct user ids"))
     else:
         cards.append(_stat("users_today", "Unique users · today", None, "per-user counters are off"))
     top = view.event_types[0] if view.event_types else None

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
+from pathlib import Path
 
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from analytics_pipeline.core.keys import PIPELINES_SET
+from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
 from analytics_pipeline.sidecar.dashboard import DashboardProvider, setup_dashboard
 from analytics_pipeline.sidecar.dashboard_model import DashboardData
 
@@ -167,6 +174,59 @@ async def make_client() -> AsyncIterator[Callable[[DashboardProvider], Awaitable
         await client.close()
 
 
+TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger")
+
+
+@pytest.fixture(scope="session")
+def schema(database_url: str) -> str:
+    """The schema applied once per session (idempotent, serialised by the migration's own lock)."""
+
+    async def migrate() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            # Only when something is missing: re-running CREATE INDEX IF NOT EXISTS takes table locks that
+            # can deadlock with other sessions' flush transactions on the shared database.
+            names = [name for _, name in schema_objects()]
+            found = await conn.fetchval("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = "
+                                        "c.relnamespace WHERE n.nspname = current_schema() AND "
+                                        "c.relname = ANY($1::text[])", names)
+            if found != len(names):
+                await apply_schema(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(migrate())
+    return database_url
+
+
+@pytest.fixture
+async def pg(schema: str, pipeline: str, redis_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A PostgreSQL connection (UTC); this test's rows and its ``ap:pipelines`` entry go afterwards."""
+    conn = await asyncpg.connect(schema, server_settings={"timezone": "UTC"})
+    try:
+        yield conn
+    finally:
+        for table in TABLES:
+            await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
+        await conn.close()
+        client = aioredis.Redis.from_url(redis_url)
+        await client.srem(PIPELINES_SET, pipeline)
+        await client.aclose()
+
+
+def png_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (and proof that the file is a PNG)."""
+    with open(path, "rb") as file:
+        head = file.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture
+def png() -> Callable[[str | os.PathLike[str]], tuple[int, int]]:
+    return png_size
+
+
 def find_chromium() -> str | None:
     """The Chromium binary: $CHROMIUM, else the usual Debian/Ubuntu/Google names on PATH."""
     explicit = os.environ.get("CHROMIUM")
@@ -179,10 +239,50 @@ def find_chromium() -> str | None:
     return None
 
 
-@pytest.fixture
-def chromium() -> str:
-    path = find_chromium()
-    if path is None:
-        pytest.skip("Chromium not found (install Debian's `chromium` or set CHROMIUM=/path/to/chrome)")
-    return path
+# The flags this machine needs as root, plus a fixed window and no scrollbars for stable screenshots.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--mute-audio")
 
+
+@dataclass
+class Chromium:
+    """Headless Chromium driven from the command line: ``--dump-dom`` and ``--screenshot``."""
+
+    binary: str
+    workdir: Path
+    runs: int = 0
+
+    limit_seconds: float = 120.0
+
+    async def _run(self, *args: str) -> str:
+        self.runs += 1
+        profile = self.workdir / f"chromium-profile-{self.runs}"
+        process = await asyncio.create_subprocess_exec(
+            self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), self.limit_seconds)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+        assert process.returncode == 0, f"chromium failed ({process.returncode}): {err.decode()[-2000:]}"
+        return out.decode()
+
+    async def dump_dom(self, url: str, *, size: str = "1400,1800", virtual_time_ms: int | None = None) -> str:
+        """The DOM after load (and after ``virtual_time_ms`` of page time: timers and fetches run)."""
+        extra = [f"--virtual-time-budget={virtual_time_ms}"] if virtual_time_ms else []
+        return await self._run(f"--window-size={size}", *extra, "--dump-dom", url)
+
+    async def screenshot(self, url: str, path: Path, *, size: str = "1400,1800") -> Path:
+        await self._run(f"--window-size={size}", f"--screenshot={path}", url)
+        return path  # the test checks the file (png_size)
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Chromium:
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("Chromium not found (install Debian's `chromium` or set CHROMIUM=/path/to/chrome)")
+    return Chromium(binary, tmp_path)

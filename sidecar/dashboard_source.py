@@ -1,0 +1,94 @@
+"""Where the dashboard's numbers come from: one consistent snapshot of ``core/queries.py``.
+
+``read_dashboard_data(app)`` asks ``Queries.dashboard_snapshot`` (PostgreSQL totals + live and staged
+Redis buckets, exact at any instant) and turns it into the renderer's ``DashboardData``. The
+PostgreSQL pool is the dashboard's own small lazy pool, opened on first use and closed with the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+import asyncpg
+from aiohttp import web
+
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.queries import ConsistencyError, DashboardSnapshot, Queries
+from analytics_pipeline.flusher.db import create_pool
+
+from .appkeys import CONFIG, REDIS
+from .dashboard_model import DAYS, HOURS, DashboardData
+
+
+class DashboardUnavailable(Exception):
+    """The numbers cannot be read right now; the page answers 503 with this message."""
+
+
+class DatabaseHolder:
+    """The dashboard's PostgreSQL pool: created on first use, re-created if the database URL changes."""
+
+    def __init__(self) -> None:
+        self._pool: asyncpg.Pool | None = None
+        self._url: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def pool(self, config: Config) -> asyncpg.Pool:
+        async with self._lock:
+            if self._pool is None or self._url != config.database_url:
+                await self.close()
+                self._pool = await create_pool(config, "analytics-pipeline-dashboard", max_size=2)
+                self._url = config.database_url
+            return self._pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), 5)
+
+
+DASHBOARD_DB = web.AppKey("dashboard_db", DatabaseHolder)
+
+
+def install(app: web.Application) -> None:
+    """Give ``app`` the dashboard's lazy PostgreSQL pool (closed on app cleanup)."""
+    holder = DatabaseHolder()
+    app[DASHBOARD_DB] = holder
+
+    async def close(app: web.Application) -> None:
+        await holder.close()
+
+    app.on_cleanup.append(close)
+
+
+def from_snapshot(pipeline: str, snapshot: DashboardSnapshot, config: Config | None = None) -> DashboardData:
+    """``DashboardData`` of a query snapshot; granularities switched off in ``config`` become ``None``."""
+    on = set(config.counters.granularities) if config is not None else {"hourly", "daily", "user_daily"}
+    hourly = {name: list(zip(snapshot.hours, values, strict=True)) for name, values in snapshot.hourly.items()}
+    daily = {name: list(zip(snapshot.days, values, strict=True)) for name, values in snapshot.daily.items()}
+    uniques = list(zip(snapshot.days, snapshot.uniques, strict=True))
+    return DashboardData(
+        pipeline=pipeline, now=snapshot.generated_at,
+        hourly=hourly if "hourly" in on else None,
+        daily=daily if "daily" in on else None,
+        uniques=uniques if "user_daily" in on else None,
+        hours=len(snapshot.hours), days=len(snapshot.days),
+        distinct_users=snapshot.distinct_users if "user_daily" in on else None)
+
+
+async def read_dashboard_data(app: web.Application, now: datetime | None = None) -> DashboardData:
+    """One consistent snapshot of the app's pipeline: 48 hourly and 30 daily buckets, daily uniques."""
+    config = app[CONFIG]
+    pool = await app[DASHBOARD_DB].pool(config)
+    queries = Queries.for_config(app[REDIS], pool, config)
+    try:
+        snapshot = await queries.dashboard_snapshot(now or datetime.now(UTC), hours=HOURS, days=DAYS)
+    except asyncpg.UndefinedTableError:
+        raise DashboardUnavailable(
+            "The PostgreSQL tables do not exist yet: run `analytics-pipeline migrate` (the flusher's CronJob "
+            "does it on its first run). Events sent meanwhile are kept in Redis.") from None
+    except ConsistencyError as error:
+        raise DashboardUnavailable(str(error)) from None
+    return from_snapshot(config.pipeline, snapshot, config)
