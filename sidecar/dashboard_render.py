@@ -186,7 +186,8 @@ gap:8px}
 @media (max-width:1000px){.row{grid-template-columns:1fr}}
 @media (max-width:700px){#app{padding:16px 12px 32px}.stats{grid-template-columns:repeat(2,minmax(0,1fr))}
 .chart.area-chart{min-width:1100px}
-.chart.bar-chart,.chart.line-chart{min-width:720px}.stat .value{font-size:26px}}
+.chart.bar-chart,.chart.line-chart{min-width:720px}
+.chart-wrap{direction:rtl}.chart-wrap>.chart{direction:ltr}.stat .value{font-size:26px}}
 """
 
 LOGO = ('<svg class="logo" viewBox="0 0 36 36" aria-hidden="true"><rect width="36" height="36" rx="9" '

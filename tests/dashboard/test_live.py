@@ -83,3 +83,25 @@ async def test_dashboard_shows_postgres_totals_plus_unflushed_redis(config: Conf
     assert stat["event_types"] == "3"
     assert doc.one("section", id="top-events").one("tr", data_event_type="page_view").one(
         "td", data_window="30d").text().startswith(str(6 + 2 + 4))
+
+
+async def test_missing_tables_give_a_503_that_says_to_migrate(config: Config, schema: str, parse):
+    # A search_path without our tables: the queries fail the way they do before the first migration.
+    broken = config.model_copy(update={"database_url": f"{schema}?search_path=dashboard_no_such_schema"})
+    app = create_app(broken)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/")
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        text = parse(await response.text()).one("section", id="error-state").text()
+        assert "run `analytics-pipeline migrate`" in text
+
+
+async def test_unreachable_redis_gives_a_503_page(config: Config, schema: str, parse):
+    app = create_app(config.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/?refresh=15")
+        assert response.status == 503
+        doc = parse(await response.text())
+        assert "ConnectionError" in doc.one("section", id="error-state").text()
+        assert doc.one("body").attrs["data-refresh"] == "15"

@@ -166,3 +166,12 @@ async def test_a_failed_read_is_not_reused(data):
     async with TestClient(TestServer(app)) as client:
         assert (await client.get("/")).status == 503
         assert (await client.get("/")).status == 200
+
+
+async def test_the_page_is_compressed_for_browsers_that_accept_it(make_client, provider_of, data):
+    client = await make_client(provider_of(data))
+    plain = await client.get("/", headers={"Accept-Encoding": "identity"}, auto_decompress=False)
+    zipped = await client.get("/", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert "Content-Encoding" not in plain.headers
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    assert len(await zipped.read()) * 4 < len(await plain.read())
