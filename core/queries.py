@@ -1,0 +1,511 @@
+"""THE query module: counts, daily uniques and event types that are exact at any instant.
+
+A number is PostgreSQL's total + the live Redis buckets + the staged buckets of flush units that have
+not committed yet. Reading two stores is racy: a claim+commit between the Redis read and the
+PostgreSQL read would count a unit twice (spike), a commit+cleanup the other way round would lose it
+(dip). So every query is a seqlock on the pipeline's ``claim_seq``:
+
+1. one Lua script snapshots the live buckets, every in-flight unit's staged buckets and ``claim_seq``;
+2. one REPEATABLE READ transaction reads the totals and which of those units the ledger already has
+   (a unit in the ledger is in the totals, so its staged copy is skipped; otherwise it is added);
+3. ``claim_seq`` is read again: if a claim happened in between (its buckets moved out of the live
+   snapshot into a unit the snapshot did not see), the query is retried. After a few lost races the
+   reader parks claims for a moment in ``claim_hold`` (the claim script refuses while it is set, the
+   flusher waits) so it is guaranteed to finish.
+
+Commits and cleanups need no seqlock: a unit's staging keys are deleted only after its ledger row is
+committed, and step 2 sees the ledger and the totals in one snapshot. See docs/queries.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from .config import Config
+from .keys import BucketKind, PipelineKeys, day_bucket, days_between, hour_bucket, hours_between, user_field
+
+Granularity = Literal["hour", "day"]
+GRANULARITIES: tuple[Granularity, ...] = ("hour", "day")
+MAX_BUCKETS = 10_000
+T = TypeVar("T")
+
+# Snapshot: claim_seq, then for the live buckets and for each in-flight unit's staging keys, one reply
+# per request (suffix, op, arg). ops: get (one field), sum (all fields), all (HGETALL), users (distinct
+# user ids of a per-user bucket, optionally of one event type), usersum (one user's total over events).
+_SNAPSHOT_LUA = """
+local inflight, claimseq = KEYS[1], KEYS[2]
+local base, shead, stail = ARGV[1], ARGV[2], ARGV[3]
+local SEP = string.char(31)
+local function split(f)
+  local at = string.find(f, SEP, 1, true)
+  if not at then return nil, nil end
+  return string.sub(f, 1, at - 1), string.sub(f, at + 1)
+end
+local function apply(key, op, arg)
+  if op == 'get' then
+    return tonumber(redis.call('HGET', key, arg) or '0')
+  elseif op == 'sum' then
+    local s = 0
+    for _, v in ipairs(redis.call('HVALS', key)) do s = s + tonumber(v) end
+    return s
+  elseif op == 'all' then
+    return redis.call('HGETALL', key)
+  elseif op == 'users' then
+    local seen, out = {}, {}
+    for _, f in ipairs(redis.call('HKEYS', key)) do
+      local ev, user = split(f)
+      if user and (arg == '' or ev == arg) and not seen[user] then
+        seen[user] = true
+        out[#out + 1] = user
+      end
+    end
+    return out
+  elseif op == 'usersum' then
+    local s, flat = 0, redis.call('HGETALL', key)
+    for i = 1, #flat, 2 do
+      local _, user = split(flat[i])
+      if user == arg then s = s + tonumber(flat[i + 1]) end
+    end
+    return s
+  end
+  return redis.error_reply('unknown snapshot op ' .. tostring(op))
+end
+local function run(prefix)
+  local out = {}
+  for i = 4, #ARGV, 3 do out[#out + 1] = apply(prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+  return out
+end
+local result = {redis.call('GET', claimseq) or '0', run(base)}
+for _, unit in ipairs(redis.call('ZRANGE', inflight, 0, -1)) do
+  result[#result + 1] = unit
+  result[#result + 1] = run(shead .. unit .. stail)
+end
+return result
+"""
+
+# Park claims: add our token with an expiry (Redis clock); the key expires with its latest member.
+_HOLD_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return 1
+"""
+
+_UNIT_PLACEHOLDER = "\x00unit\x00"
+
+
+class QueryInputError(ValueError):
+    """A bad query parameter; ``parameter`` names it (the HTTP layer answers 400 with it)."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+        self.message = message
+
+
+class ConsistencyError(RuntimeError):
+    """No consistent snapshot could be taken (claims kept racing even while held); retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One bucket of a series: its start (a ``datetime`` for hours, a ``date`` for days) and its count."""
+
+    bucket: datetime | date
+    count: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"bucket": _iso(self.bucket), "count": self.count}
+
+
+@dataclass(frozen=True)
+class Series:
+    """Counts per bucket over a range, zero-filled, oldest first."""
+
+    granularity: Granularity
+    event: str | None
+    user_id: str | None
+    points: list[Point]
+
+    @property
+    def total(self) -> int:
+        return sum(point.count for point in self.points)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"event": self.event, "granularity": self.granularity, "user_id": self.user_id,
+                "series": [p.as_json() for p in self.points], "total": self.total}
+
+
+@dataclass(frozen=True)
+class Uniques:
+    """Distinct users per day (``points``) and over the whole range (``distinct_total``, not a sum)."""
+
+    event: str | None
+    points: list[Point]
+    distinct_total: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"event": self.event, "series": [p.as_json() for p in self.points],
+                "distinct_total": self.distinct_total}
+
+
+@dataclass(frozen=True)
+class EventTotal:
+    """One event type and its count over the queried days."""
+
+    event: str
+    count: int
+
+
+@dataclass(frozen=True)
+class DashboardSnapshot:
+    """Everything the dashboard draws, from ONE consistent snapshot; lists are aligned with hours/days."""
+
+    generated_at: datetime
+    hours: list[datetime]
+    days: list[date]
+    hourly: dict[str, list[int]]
+    daily: dict[str, list[int]]
+    uniques: list[int]
+    distinct_users: int
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"generated_at": _iso(self.generated_at), "hours": [_iso(h) for h in self.hours],
+                "days": [_iso(d) for d in self.days], "hourly": self.hourly, "daily": self.daily,
+                "uniques": self.uniques, "distinct_users": self.distinct_users, "totals": self.totals}
+
+
+def _iso(value: datetime | date) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.isoformat()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    kind: BucketKind
+    bucket: str
+    op: Literal["get", "sum", "all", "users", "usersum"]
+    arg: str = ""
+
+
+@dataclass
+class RedisView:
+    """The Redis part of a snapshot: per request, the live reply and the replies of uncommitted units."""
+
+    live: list[Any]
+    pending: list[list[Any]]
+
+    def replies(self, index: int) -> list[Any]:
+        return [self.live[index], *(unit[index] for unit in self.pending)]
+
+    def number(self, index: int) -> int:
+        return sum(int(reply) for reply in self.replies(index))
+
+    def hash(self, index: int) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for reply in self.replies(index):
+            for i in range(0, len(reply), 2):
+                name = _text(reply[i])
+                merged[name] = merged.get(name, 0) + int(reply[i + 1])
+        return merged
+
+    def users(self, index: int) -> set[str]:
+        return {_text(user) for reply in self.replies(index) for user in reply}
+
+
+def _as_day(value: date | datetime) -> date:
+    if isinstance(value, datetime):
+        return (value.astimezone(UTC) if value.tzinfo else value).date()
+    return value
+
+
+def _as_hour(value: date | datetime, *, end: bool = False) -> datetime:
+    if isinstance(value, datetime):
+        moment = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        return moment.replace(minute=0, second=0, microsecond=0)
+    start = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    return start + timedelta(hours=23) if end else start
+
+
+def _check_range(start: object, end: object, count: int) -> None:
+    if end < start:  # type: ignore[operator]
+        raise QueryInputError("to", "must not be before 'from'")
+    if count > MAX_BUCKETS:
+        raise QueryInputError("from", f"range too long: {count} buckets (at most {MAX_BUCKETS})")
+
+
+def _check_name(parameter: str, value: str | None) -> None:
+    if value is not None and (not value or not value.isprintable() or len(value) > 1024):
+        raise QueryInputError(parameter, "must be a non-empty printable string of at most 1024 characters")
+
+
+class Queries:
+    """Exact reads of one pipeline over a Redis client and an asyncpg pool (or one connection).
+
+    ``redis_days`` bounds how far back :meth:`event_types` looks for unflushed daily buckets when no
+    start is given (live buckets cannot outlive the counter TTL; see :meth:`for_config`).
+    ``after_snapshot`` is a test hook run between the Redis snapshot and the PostgreSQL read.
+    """
+
+    def __init__(self, client: aioredis.Redis, db: asyncpg.Pool | asyncpg.Connection, pipeline: str, *,
+                 redis_days: int = 16, max_retries: int = 3, max_holds: int = 3, hold_ms: int = 2000,
+                 after_snapshot: Callable[[int], Awaitable[None]] | None = None) -> None:
+        self.client = client
+        self.db = db
+        self.keys = PipelineKeys(pipeline)
+        self.redis_days = redis_days
+        self.max_retries = max_retries
+        self.max_holds = max_holds
+        self.hold_ms = hold_ms
+        self.after_snapshot = after_snapshot
+        self.retries = 0  # lost seqlock races so far (observability and tests)
+        self.holds = 0  # times claims were parked
+        self._snapshot_script = client.register_script(_SNAPSHOT_LUA)
+        self._hold_script = client.register_script(_HOLD_LUA)
+        head, _, tail = self.keys.staging_prefix(_UNIT_PLACEHOLDER).partition(_UNIT_PLACEHOLDER)
+        self._staging_head = head
+        self._staging_tail = tail
+
+    @classmethod
+    def for_config(cls, client: aioredis.Redis, db: asyncpg.Pool | asyncpg.Connection, config: Config,
+                   **options: Any) -> Queries:
+        """Queries of ``config.pipeline``, looking back far enough for any live bucket (2 x TTL + 2 days)."""
+        ttl_days = -(-config.counters.ttl_seconds // 86400)
+        return cls(client, db, config.pipeline, redis_days=2 * ttl_days + 2, **options)
+
+    # public API ---------------------------------------------------------------------------------
+    async def counts(self, event: str | None, start: date | datetime, end: date | datetime,
+                     granularity: Granularity = "day", user_id: str | None = None) -> Series:
+        """Counts of ``event`` (None: all event types) per hour or day from ``start`` to ``end`` inclusive.
+
+        With ``user_id`` the counts are that user's (day granularity only). Dates/datetimes are UTC.
+        """
+        _check_name("event", event)
+        _check_name("user_id", user_id)
+        if granularity not in GRANULARITIES:
+            raise QueryInputError("granularity", "must be 'hour' or 'day'")
+        if user_id is not None and granularity != "day":
+            raise QueryInputError("granularity", "per-user counts are kept per day only: use 'day'")
+        if granularity == "hour":
+            first, last = _as_hour(start), _as_hour(end, end=True)
+            _check_range(first, last, int((last - first).total_seconds() // 3600) + 1)
+            buckets: list[datetime] | list[date] = hours_between(first, last)
+            labels = [hour_bucket(h) for h in buckets]  # type: ignore[arg-type]
+        else:
+            first_day, last_day = _as_day(start), _as_day(end)
+            _check_range(first_day, last_day, (last_day - first_day).days + 1)
+            buckets = days_between(first_day, last_day)
+            labels = [day_bucket(d) for d in buckets]
+        requests = [self._count_request(granularity, label, event, user_id) for label in labels]
+
+        async def from_postgres(conn: asyncpg.Connection, view: RedisView) -> Series:
+            stored = await self._stored_counts(conn, granularity, buckets[0], buckets[-1], event, user_id)
+            points = [Point(b, stored.get(b, 0) + view.number(i)) for i, b in enumerate(buckets)]
+            return Series(granularity, event, user_id, points)
+
+        return await self._consistent(requests, from_postgres)
+
+    async def uniques(self, event: str | None, start_day: date | datetime, end_day: date | datetime) -> Uniques:
+        """Distinct users per day (of ``event``, or of any event type) = |union of PostgreSQL and Redis user ids|."""
+        _check_name("event", event)
+        first, last = _as_day(start_day), _as_day(end_day)
+        _check_range(first, last, (last - first).days + 1)
+        days = days_between(first, last)
+        requests = [_Request("u", day_bucket(d), "users", event or "") for d in days]
+
+        async def from_postgres(conn: asyncpg.Connection, view: RedisView) -> Uniques:
+            per_day, total = await self._stored_uniques(conn, days, event, view, 0)
+            return Uniques(event, [Point(d, per_day.get(d, 0)) for d in days], total)
+
+        return await self._consistent(requests, from_postgres)
+
+    async def event_types(self, start: date | datetime | None = None,
+                          end: date | datetime | None = None) -> list[EventTotal]:
+        """Every event type seen (daily counts) with its total from ``start`` to ``end`` (None: unbounded)."""
+        today = datetime.now(UTC).date()
+        first = _as_day(start) if start is not None else None
+        last = _as_day(end) if end is not None else None
+        if first is not None and last is not None:
+            _check_range(first, last, (last - first).days + 1)
+        redis_first = first or today - timedelta(days=self.redis_days)
+        redis_last = last or today + timedelta(days=1)
+        days = days_between(redis_first, redis_last) if redis_last >= redis_first else []
+        if len(days) > MAX_BUCKETS:
+            raise QueryInputError("from", f"range too long: {len(days)} days (at most {MAX_BUCKETS})")
+        requests = [_Request("d", day_bucket(d), "all") for d in days]
+
+        async def from_postgres(conn: asyncpg.Connection, view: RedisView) -> list[EventTotal]:
+            rows = await conn.fetch(
+                "SELECT event_type, sum(count)::bigint AS n FROM analytics_daily WHERE pipeline = $1 "
+                "AND ($2::date IS NULL OR day >= $2) AND ($3::date IS NULL OR day <= $3) GROUP BY event_type",
+                self.keys.pipeline, first, last)
+            totals = {row["event_type"]: int(row["n"]) for row in rows}
+            for i in range(len(days)):
+                for name, count in view.hash(i).items():
+                    totals[name] = totals.get(name, 0) + count
+            ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+            return [EventTotal(name, count) for name, count in ranked if count]
+
+        return await self._consistent(requests, from_postgres)
+
+    async def dashboard_snapshot(self, now: datetime | None = None, hours: int = 48,
+                                 days: int = 30) -> DashboardSnapshot:
+        """Hourly counts per event type (last ``hours``), daily per event type and daily uniques (last
+        ``days``) from one consistent snapshot: one Lua call, one PostgreSQL transaction."""
+        if not 1 <= hours <= MAX_BUCKETS:
+            raise QueryInputError("hours", f"must be 1..{MAX_BUCKETS}")
+        if not 1 <= days <= MAX_BUCKETS:
+            raise QueryInputError("days", f"must be 1..{MAX_BUCKETS}")
+        now = (now or datetime.now(UTC)).astimezone(UTC)
+        last_hour = _as_hour(now)
+        hour_list = hours_between(last_hour - timedelta(hours=hours - 1), last_hour)
+        day_list = days_between(now.date() - timedelta(days=days - 1), now.date())
+        requests = ([_Request("h", hour_bucket(h), "all") for h in hour_list]
+                    + [_Request("d", day_bucket(d), "all") for d in day_list]
+                    + [_Request("u", day_bucket(d), "users") for d in day_list])
+        nh, nd = len(hour_list), len(day_list)
+
+        async def from_postgres(conn: asyncpg.Connection, view: RedisView) -> DashboardSnapshot:
+            pipeline = self.keys.pipeline
+            hourly = self._grid(await conn.fetch(
+                "SELECT event_type, hour AS b, count FROM analytics_hourly "
+                "WHERE pipeline = $1 AND hour >= $2 AND hour <= $3", pipeline, hour_list[0], hour_list[-1]),
+                hour_list, [view.hash(i) for i in range(nh)])
+            daily = self._grid(await conn.fetch(
+                "SELECT event_type, day AS b, count FROM analytics_daily "
+                "WHERE pipeline = $1 AND day >= $2 AND day <= $3", pipeline, day_list[0], day_list[-1]),
+                day_list, [view.hash(nh + i) for i in range(nd)])
+            per_day, distinct = await self._stored_uniques(conn, day_list, None, view, nh + nd)
+            return DashboardSnapshot(
+                generated_at=now, hours=hour_list, days=day_list, hourly=hourly, daily=daily,
+                uniques=[per_day.get(d, 0) for d in day_list], distinct_users=distinct,
+                totals={name: sum(values) for name, values in daily.items()})
+
+        return await self._consistent(requests, from_postgres)
+
+    # PostgreSQL parts ------------------------------------------------------------------------------
+    def _count_request(self, granularity: Granularity, label: str, event: str | None,
+                       user_id: str | None) -> _Request:
+        if user_id is not None:
+            if event is not None:
+                return _Request("u", label, "get", user_field(event, user_id))
+            return _Request("u", label, "usersum", user_id)
+        kind: BucketKind = "h" if granularity == "hour" else "d"
+        return _Request(kind, label, "get", event) if event is not None else _Request(kind, label, "sum")
+
+    async def _stored_counts(self, conn: asyncpg.Connection, granularity: Granularity, first: date | datetime,
+                             last: date | datetime, event: str | None, user_id: str | None) -> dict[Any, int]:
+        if user_id is not None:
+            sql = ("SELECT day AS b, sum(count)::bigint AS n FROM analytics_user_daily WHERE pipeline = $1 "
+                   "AND user_id = $5 AND day >= $2 AND day <= $3 AND ($4::text IS NULL OR event_type = $4) "
+                   "GROUP BY day")
+            args: tuple[Any, ...] = (self.keys.pipeline, first, last, event, user_id)
+        else:
+            table, column = ("analytics_hourly", "hour") if granularity == "hour" else ("analytics_daily", "day")
+            sql = (f"SELECT {column} AS b, sum(count)::bigint AS n FROM {table} WHERE pipeline = $1 "
+                   f"AND {column} >= $2 AND {column} <= $3 AND ($4::text IS NULL OR event_type = $4) "
+                   f"GROUP BY {column}")
+            args = (self.keys.pipeline, first, last, event)
+        return {row["b"]: int(row["n"]) for row in await conn.fetch(sql, *args)}
+
+    async def _stored_uniques(self, conn: asyncpg.Connection, days: list[date], event: str | None,
+                              view: RedisView, offset: int) -> tuple[dict[date, int], int]:
+        """Per-day and whole-range distinct users of PostgreSQL rows united with the Redis users in ``view``."""
+        redis_days: list[date] = []
+        redis_users: list[str] = []
+        for i, day in enumerate(days):
+            for user in view.users(offset + i):
+                redis_days.append(day)
+                redis_users.append(user)
+        rows = await conn.fetch(
+            "WITH u AS ("
+            " SELECT day, user_id FROM analytics_user_daily WHERE pipeline = $1 AND day >= $2 AND day <= $3"
+            " AND ($4::text IS NULL OR event_type = $4)"
+            " UNION ALL SELECT * FROM unnest($5::date[], $6::text[]))"
+            " SELECT day, count(DISTINCT user_id) AS n FROM u GROUP BY GROUPING SETS ((day), ())",
+            self.keys.pipeline, days[0], days[-1], event, redis_days, redis_users)
+        per_day = {row["day"]: int(row["n"]) for row in rows if row["day"] is not None}
+        total = next((int(row["n"]) for row in rows if row["day"] is None), 0)
+        return per_day, total
+
+    @staticmethod
+    def _grid(rows: Sequence[asyncpg.Record], buckets: Sequence[date | datetime],
+              live: list[dict[str, int]]) -> dict[str, list[int]]:
+        index = {b: i for i, b in enumerate(buckets)}
+        grid: dict[str, list[int]] = {}
+        for row in rows:
+            grid.setdefault(row["event_type"], [0] * len(buckets))[index[row["b"]]] += int(row["count"])
+        for i, counts in enumerate(live):
+            for name, count in counts.items():
+                grid.setdefault(name, [0] * len(buckets))[i] += count
+        return dict(sorted(grid.items()))
+
+    # the seqlock -------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if isinstance(self.db, asyncpg.Pool):
+            async with self.db.acquire() as conn:
+                yield conn
+        else:
+            yield self.db
+
+    async def _snapshot(self, requests: list[_Request]) -> tuple[bytes | str, list[Any], dict[str, list[Any]]]:
+        args: list[str] = [self.keys.base, self._staging_head, self._staging_tail]
+        for request in requests:
+            args += [f"{request.kind}:{request.bucket}", request.op, request.arg]
+        reply = await self._snapshot_script(keys=[self.keys.inflight, self.keys.claim_seq], args=args)
+        units = {_text(reply[i]): reply[i + 1] for i in range(2, len(reply), 2)}
+        return reply[0], reply[1], units
+
+    async def _hold(self, hold_ms: int) -> str:
+        token = uuid.uuid4().hex
+        await self._hold_script(keys=[self.keys.claim_hold], args=[token, hold_ms])
+        self.holds += 1
+        return token
+
+    async def _consistent(self, requests: list[_Request],
+                          read: Callable[[asyncpg.Connection, RedisView], Awaitable[T]]) -> T:
+        """Run ``read`` on a PostgreSQL snapshot consistent with a Redis snapshot (see module docstring)."""
+        for attempt in range(self.max_retries + self.max_holds):
+            token = None
+            if attempt >= self.max_retries:
+                token = await self._hold(self.hold_ms << (attempt - self.max_retries))
+            try:
+                seq, live, units = await self._snapshot(requests)
+                if self.after_snapshot is not None:
+                    await self.after_snapshot(attempt)
+                async with self._connection() as conn, conn.transaction(isolation="repeatable_read",
+                                                                        readonly=True):
+                    committed: set[str] = set()
+                    if units:
+                        rows = await conn.fetch(
+                            "SELECT unit_id FROM analytics_flush_ledger WHERE pipeline = $1 AND unit_id = ANY($2)",
+                            self.keys.pipeline, list(units))
+                        committed = {row["unit_id"] for row in rows}
+                    view = RedisView(live, [r for unit, r in units.items() if unit not in committed])
+                    result = await read(conn, view)
+                if _text(await self.client.get(self.keys.claim_seq) or "0") == _text(seq):
+                    return result
+                self.retries += 1
+            finally:
+                if token is not None:
+                    await self.client.zrem(self.keys.claim_hold, token)
+        raise ConsistencyError(f"pipeline {self.keys.pipeline}: flush claims kept racing the query "
+                               f"({self.max_retries + self.max_holds} attempts); retry")
