@@ -24,7 +24,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -128,7 +128,8 @@ class GroupCommitter:
 
     @property
     def writes_in_flight(self) -> int:
-        return len(self._writes)
+        """Writes holding a lane (not counting those whose outcome a fence is deciding)."""
+        return len(self._lanes) - len(self._free_lanes)
 
     def update(self, config: Config) -> None:
         """Apply a reloaded config (TTL, granularities, dedup window, window sizes) to later batches."""
@@ -186,7 +187,7 @@ class GroupCommitter:
     def _dispatch(self) -> None:
         """Start writes for pending requests while a lane is free; each takes whole requests only."""
         max_events = self.settings.max_events
-        while self._pending and len(self._writes) < MAX_IN_FLIGHT:
+        while self._pending and self._free_lanes:
             pending = self._pending
             if self._pending_events <= max_events:
                 batch, self._pending = pending, []
@@ -204,7 +205,7 @@ class GroupCommitter:
             task = asyncio.get_running_loop().create_task(self._write(lane, batch))
             self._writes.add(task)
             task.add_done_callback(self._write_done)
-        if self._pending and self._timer is not None and len(self._writes) >= MAX_IN_FLIGHT:
+        if self._pending and self._timer is not None and not self._free_lanes:
             # No lane: the next write completion dispatches; the timer is of no use meanwhile.
             self._timer.cancel()
             self._timer = None
@@ -283,9 +284,21 @@ class GroupCommitter:
         token_key = self.keys.group_commit(f"{self._instance}:{next(self._sequence)}")
         done_tokens, self._done_tokens = self._done_tokens[:MAX_DONE_TOKENS], self._done_tokens[MAX_DONE_TOKENS:]
         started = time.perf_counter()
+        holding = True
+
+        def release() -> None:
+            # A write whose outcome is being decided by a fence does not hold its lane: later batches
+            # go on (and fail fast while Redis refuses connections) instead of queueing behind it.
+            nonlocal holding
+            if holding:
+                holding = False
+                self._free_lanes.append(lane)
+                if self._pending:
+                    self._dispatch()
+
         try:
             plan = self._plan(batch, token_key, done_tokens)
-            reply = await self._execute(lane, plan, token_key)
+            reply = await self._execute(lane, plan, token_key, release)
         except CommitFailed as failure:
             self._done_tokens.extend(done_tokens)
             metrics.commit_failures.labels(failure.reason).inc()
@@ -306,7 +319,7 @@ class GroupCommitter:
                 raise
             return
         finally:
-            self._free_lanes.append(lane)
+            release()
         metrics.redis_write_seconds.observe(time.perf_counter() - started)
         self._done_tokens.append(token_key)
         duplicates = [0] * len(batch)
@@ -323,7 +336,8 @@ class GroupCommitter:
             if not future.done():
                 future.set_result(dups)
 
-    async def _execute(self, lane: RespConnection, plan: _Plan, token_key: str) -> list[int]:
+    async def _execute(self, lane: RespConnection, plan: _Plan, token_key: str,
+                       release: Callable[[], None]) -> list[int]:
         """Run the script once (reloading it on NOSCRIPT); the duplicate ordinals, or CommitFailed."""
         try:
             await lane.connect()  # a connection the server closed is seen as such: reconnects
@@ -341,6 +355,7 @@ class GroupCommitter:
                 log.error("Redis refused the group commit: %s", error, extra={"pipeline": self.pipeline})
                 raise CommitFailed("redis_error", f"Redis refused the write: {error}") from None
             except _AMBIGUOUS as error:
+                release()
                 return await self._resolve_ambiguous(token_key, error)
             return self._parse_reply(reply)
         raise AssertionError("unreachable")  # pragma: no cover

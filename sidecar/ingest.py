@@ -12,6 +12,7 @@ import logging
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from analytics_pipeline.core.events import FieldError, RequestRejected, Shape
 
@@ -51,9 +52,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 return b"".join(chunks)
             chunks.append(chunk)
             size += len(chunk)
-    except HttpProcessingError as error:  # bad chunking or Content-Encoding
-        raise RequestRejected(400, f"the request body could not be read: {error.message}",
-                              [FieldError(None, "body", "unreadable")], code="invalid_request") from None
+    except (HttpProcessingError, RequestPayloadError) as error:  # bad chunking or Content-Encoding
+        raise RequestRejected(400, f"the request body could not be read: {error}".replace("\n", " "),
+                              [FieldError(None, "body", "unreadable (bad chunking or Content-Encoding)")],
+                              code="unreadable_body") from None
     raise _too_large(size, limit)
 
 
@@ -61,8 +63,8 @@ def refuse(state: SidecarState, rejected: RequestRejected) -> web.Response:
     """A 4xx answer whose JSON body names every bad event's index, field and reason."""
     state.metrics.refused(rejected.code, rejected.events)
     response = web.Response(status=rejected.status, body=orjson.dumps(rejected.as_body()), content_type=_JSON)
-    if rejected.status == 413:
-        response.force_close()  # the rest of a huge body is not worth reading
+    if rejected.status == 413 or rejected.code == "unreadable_body":
+        response.force_close()  # the rest of such a body is not worth reading
     return response
 
 
