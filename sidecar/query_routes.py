@@ -1,9 +1,199 @@
-"""Read endpoints (/v1/counts, /v1/uniques, GET /v1/events) on the sidecar — delivered by the flusher/query issue."""
+"""Read endpoints on the sidecar: ``GET /v1/counts``, ``GET /v1/uniques``, ``GET /v1/events``.
+
+Every answer comes from :mod:`analytics_pipeline.core.queries` (PostgreSQL totals + unflushed Redis
+buckets, exact at any instant). Bad parameters get 400 naming the parameter; a database or Redis
+that cannot answer gets 503 with ``Retry-After``. Ingest never depends on PostgreSQL, so the pool is
+opened lazily on the first query and a missing database only affects these endpoints.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.exceptions
 from aiohttp import web
+
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError
+from analytics_pipeline.flusher.db import create_pool
+from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, describe
+
+from .appkeys import CONFIG, REDIS
+
+DEFAULT_DAYS = 30
+DEFAULT_HOURS = 48
+RETRY_AFTER_S = 5
+
+
+class QueryDatabase:
+    """The query endpoints' own PostgreSQL pool: opened on first use, re-opened if the URL changes."""
+
+    def __init__(self) -> None:
+        self._pool: asyncpg.Pool | None = None
+        self._url: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def pool(self, config: Config) -> asyncpg.Pool:
+        async with self._lock:
+            if self._pool is None or self._url != config.database_url:
+                await self.close()
+                self._pool = await create_pool(config, "analytics-pipeline-queries", max_size=4)
+                self._url = config.database_url
+            return self._pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), 5)
+
+
+QUERY_DB = web.AppKey("query_db", QueryDatabase)
+
+
+def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def _bad(parameter: str, message: str) -> web.Response:
+    return _json({"error": "invalid_parameter", "parameter": parameter, "message": f"{parameter}: {message}"}, 400)
+
+
+def _unavailable(message: str) -> web.Response:
+    return _json({"error": "unavailable", "message": message}, 503, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def parse_moment(parameter: str, text: str) -> date | datetime:
+    """``YYYY-MM-DD`` (a date) or an ISO 8601 datetime (``Z`` or an offset; naive means UTC)."""
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise QueryInputError(parameter, f"not a date (YYYY-MM-DD) or ISO 8601 datetime: {text!r}") from None
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name not in allowed:
+            raise QueryInputError(name, f"unknown parameter (allowed: {', '.join(sorted(allowed))})")
+        if name in params:
+            raise QueryInputError(name, "given more than once")
+        params[name] = value
+    for name in ("event", "user_id"):
+        if name in params and not params[name]:
+            raise QueryInputError(name, "must not be empty (leave it out for all)")
+    return params
+
+
+def _range(params: dict[str, str], hourly: bool) -> tuple[date | datetime, date | datetime]:
+    now = datetime.now(UTC)
+    if hourly:
+        end: date | datetime = parse_moment("to", params["to"]) if "to" in params else now
+        start = parse_moment("from", params["from"]) if "from" in params else (
+            (end if isinstance(end, datetime) else datetime(end.year, end.month, end.day, 23, tzinfo=UTC))
+            - timedelta(hours=DEFAULT_HOURS - 1))
+    else:
+        end = parse_moment("to", params["to"]) if "to" in params else now.date()
+        start = parse_moment("from", params["from"]) if "from" in params else (
+            (end.date() if isinstance(end, datetime) else end) - timedelta(days=DEFAULT_DAYS - 1))
+    return start, end
+
+
+def _iso(value: date | datetime) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.isoformat()
+
+
+async def _answer(request: web.Request, work: Callable[[Queries], Awaitable[dict[str, Any]]]) -> web.Response:
+    config = request.app[CONFIG]
+    try:
+        pool = await request.app[QUERY_DB].pool(config)
+        return _json(await work(Queries.for_config(request.app[REDIS], pool, config)))
+    except QueryInputError as error:
+        return _bad(error.parameter, error.message)
+    except asyncpg.UndefinedTableError:
+        return _unavailable("the PostgreSQL tables do not exist yet: run 'analytics-pipeline migrate'")
+    except ConsistencyError as error:
+        return _unavailable(str(error))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+        return _unavailable(f"Redis unavailable: {describe(error)}")
+    except POSTGRES_CONNECTION_ERRORS as error:
+        return _unavailable(f"PostgreSQL unavailable: {describe(error)}")
+
+
+async def counts(request: web.Request) -> web.Response:
+    """``GET /v1/counts?event=&from=&to=&granularity=hour|day[&user_id=]`` → series and total."""
+    try:
+        params = _params(request, {"event", "from", "to", "granularity", "user_id"})
+        granularity = params.get("granularity", "day")
+        if granularity not in ("hour", "day"):
+            raise QueryInputError("granularity", "must be 'hour' or 'day'")
+        start, end = _range(params, granularity == "hour")
+    except QueryInputError as error:
+        return _bad(error.parameter, error.message)
+
+    async def work(queries: Queries) -> dict[str, Any]:
+        series = await queries.counts(params.get("event"), start, end, granularity,  # type: ignore[arg-type]
+                                      user_id=params.get("user_id"))
+        return {**series.as_json(), "from": _iso(series.points[0].bucket), "to": _iso(series.points[-1].bucket)}
+
+    return await _answer(request, work)
+
+
+async def uniques(request: web.Request) -> web.Response:
+    """``GET /v1/uniques?event=&from=&to=`` → distinct users per day (and over the whole range)."""
+    try:
+        params = _params(request, {"event", "from", "to"})
+        start, end = _range(params, hourly=False)
+    except QueryInputError as error:
+        return _bad(error.parameter, error.message)
+
+    async def work(queries: Queries) -> dict[str, Any]:
+        result = await queries.uniques(params.get("event"), start, end)
+        return {**result.as_json(), "from": _iso(result.points[0].bucket), "to": _iso(result.points[-1].bucket)}
+
+    return await _answer(request, work)
+
+
+async def events(request: web.Request) -> web.Response:
+    """``GET /v1/events[?from=&to=]`` → every event type seen, with its total (all time by default)."""
+    try:
+        params = _params(request, {"from", "to"})
+        start = parse_moment("from", params["from"]) if "from" in params else None
+        end = parse_moment("to", params["to"]) if "to" in params else None
+    except QueryInputError as error:
+        return _bad(error.parameter, error.message)
+
+    async def work(queries: Queries) -> dict[str, Any]:
+        totals = await queries.event_types(start, end)
+        return {"events": [{"event": t.event, "count": t.count} for t in totals],
+                "total": sum(t.count for t in totals)}
+
+    return await _answer(request, work)
 
 
 def setup_query_routes(app: web.Application) -> None:
-    """Register the query endpoints on ``app`` (none yet)."""
+    """Register the query endpoints on ``app`` and its lazy PostgreSQL pool (closed on cleanup).
+
+    ``app`` must carry ``REDIS`` and ``CONFIG`` (see ``sidecar/appkeys.py``).
+    """
+    holder = QueryDatabase()
+    app[QUERY_DB] = holder
+
+    async def close(app: web.Application) -> None:
+        await holder.close()
+
+    app.on_cleanup.append(close)
+    app.router.add_get("/v1/counts", counts)
+    app.router.add_get("/v1/uniques", uniques)
+    app.router.add_get("/v1/events", events)
