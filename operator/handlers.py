@@ -1,0 +1,97 @@
+"""kopf wiring: which events of which objects lead to a reconciliation, and the operator's settings.
+
+* AnalyticsPipeline created, changed (spec, labels) or found at start-up → reconcile it.
+* A resync timer on every AnalyticsPipeline → reconcile (repairs drift within ``resync_seconds`` even if
+  an event was missed).
+* A ConfigMap or CronJob labelled as ours is added, modified or deleted → reconcile its owner at once
+  (repairs hand edits and deletions within about a second; carries the CronJob's last run into the status).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from . import crd
+from .kube import KubeApiError
+from .reconcile import OperatorContext, reconcile
+
+logger = logging.getLogger("analytics_pipeline.operator")
+
+RETRY_DELAY_SECONDS = 10.0
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Our settings: bookkeeping under our own prefix, no cluster scanning (least-privilege RBAC)."""
+    settings.persistence.finalizer = crd.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=crd.ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=crd.ANNOTATION_PREFIX, key="last-handled-configuration")
+    # Resources are discovered once at start-up; no list/watch of CRDs or namespaces is needed.
+    settings.scanning.disabled = True
+    settings.posting.level = logging.INFO
+
+
+def owner_name(body: Mapping[str, Any]) -> str | None:
+    """The AnalyticsPipeline a child belongs to: its owner reference, else our pipeline label."""
+    meta = body.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == crd.KIND and str(ref.get("apiVersion", "")).startswith(f"{crd.GROUP}/"):
+            return str(ref.get("name"))
+    label = (meta.get("labels") or {}).get(crd.LABEL_PIPELINE)
+    return str(label) if label else None
+
+
+def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True) -> kopf.OperatorRegistry:
+    """A registry with the operator's handlers (a fresh one per operator run, so tests can run several)."""
+    registry = kopf.OperatorRegistry()
+    pipelines = (crd.GROUP, crd.VERSION, crd.PLURAL)
+    ours = {crd.LABEL_MANAGED_BY: crd.MANAGED_BY}
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        configure(settings)
+        logger.info("operator starting: default image %s, resync every %ss, child watching %s",
+                    memo.ctx.default_image, resync_seconds, "on" if watch_children else "off")
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        await memo.ctx.api.close()
+        logger.info("operator stopped")
+
+    @kopf.on.resume(*pipelines, registry=registry)
+    @kopf.on.create(*pipelines, registry=registry)
+    @kopf.on.update(*pipelines, registry=registry)
+    async def pipeline_changed(namespace: str, name: str, reason: str, memo: kopf.Memo, **_: Any) -> None:
+        ctx: OperatorContext = memo.ctx
+        outcome = await reconcile(ctx, namespace, name, why=f"AnalyticsPipeline {reason}")
+        if outcome is not None and outcome.retry:
+            raise kopf.TemporaryError(outcome.message, delay=RETRY_DELAY_SECONDS)
+
+    @kopf.timer(*pipelines, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
+    async def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        try:
+            await reconcile(memo.ctx, namespace, name, why="periodic resync")
+        except KubeApiError as error:  # the next tick tries again
+            logger.warning("%s/%s: resync failed: %s", namespace, name, error)
+
+    if watch_children:
+        @kopf.on.event("v1", "configmaps", labels=ours, registry=registry)
+        @kopf.on.event("batch", "v1", "cronjobs", labels=ours, registry=registry)
+        async def child_changed(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo,
+                                **_: Any) -> None:
+            if type is None:  # the initial listing: the resume handlers cover those objects
+                return
+            owner = owner_name(body)
+            if owner is None or namespace is None:
+                return
+            why = f"{body.get('kind', 'child')} {body.metadata.name} {type.lower()}"
+            try:
+                await reconcile(memo.ctx, namespace, owner, why=why)
+            except KubeApiError as error:  # the resync timer tries again
+                logger.warning("%s/%s: reconcile after %s failed: %s", namespace, owner, why, error)
+
+    return registry

@@ -1,0 +1,140 @@
+"""Pure rules of the operator: interval → cron, schedule checks, spec → Config errors, drift, last flush."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from analytics_pipeline.core.config import load_config
+from analytics_pipeline.operator import crd, render
+from analytics_pipeline.operator.reconcile import flush_status
+
+MINIMAL = {"redis": {"secretRef": {"name": "conn"}}, "postgres": {"secretRef": {"name": "conn"}}}
+
+
+@pytest.mark.parametrize(("interval", "schedule"), [
+    ("1m", "* * * * *"), ("5m", "*/5 * * * *"), ("6m", "*/6 * * * *"), ("30m", "*/30 * * * *"),
+    ("60m", "0 * * * *"), ("120m", "0 */2 * * *"), ("1h", "0 * * * *"), ("8h", "0 */8 * * *"),
+    ("12h", "0 */12 * * *"), ("24h", "0 0 * * *"), ("1440m", "0 0 * * *"), ("1d", "0 0 * * *"),
+])
+def test_intervals_that_map_exactly(interval: str, schedule: str) -> None:
+    assert render.interval_to_schedule(interval) == schedule
+
+
+@pytest.mark.parametrize(("interval", "why"), [
+    ("7m", "60 is not divisible by 7"), ("45m", "60 is not divisible by 45"), ("90m", "not a whole number of hours"),
+    ("5h", "24 is not divisible by 5"), ("36h", "not a whole number of days"), ("2d", "months are not divisible"),
+    ("0m", "not an interval"), ("30s", "not an interval"), ("5", "not an interval"), ("", "not an interval"),
+])
+def test_intervals_that_do_not_map_say_why_and_what_to_use(interval: str, why: str) -> None:
+    with pytest.raises(render.InvalidSpec) as caught:
+        render.interval_to_schedule(interval)
+    assert caught.value.field == "flush.interval"
+    assert why in str(caught.value) and "10m" in str(caught.value) and "flush.schedule" in str(caught.value)
+
+
+@pytest.mark.parametrize("schedule", ["*/5 * * * *", "0 0 * * MON-FRI", "30 2 1,15 * *", "0 9 ? jan-mar 1",
+                                      "@hourly", "@daily", "0  */2 * * *", "0-30/10 * * * 7"])
+def test_valid_schedules(schedule: str) -> None:
+    assert render.validate_schedule(schedule) == " ".join(schedule.split())
+
+
+@pytest.mark.parametrize(("schedule", "why"), [
+    ("* * * *", "has 4 fields"), ("60 * * * *", "outside 0-59"), ("* 24 * * *", "outside 0-23"),
+    ("* * 0 * *", "outside 1-31"), ("*/0 * * * *", "step"), ("30-10 * * * *", "backwards"),
+    ("@every 5m", "flush.interval"), ("TZ=UTC 0 * * * *", "UTC"), ("0 0 * FOO *", "not a number"),
+])
+def test_invalid_schedules(schedule: str, why: str) -> None:
+    with pytest.raises(render.InvalidSpec) as caught:
+        render.validate_schedule(schedule)
+    assert why in str(caught.value)
+
+
+def test_schedule_and_interval_are_exclusive_and_default_is_five_minutes() -> None:
+    assert render.effective_schedule({}) == "*/5 * * * *"
+    assert render.effective_schedule({"flush": {"schedule": "0 3 * * *"}}) == "0 3 * * *"
+    with pytest.raises(render.InvalidSpec, match="not both"):
+        render.effective_schedule({"flush": {"schedule": "0 3 * * *", "interval": "5m"}})
+
+
+@pytest.mark.parametrize(("patch", "field", "words"), [
+    ({"counters": {"ttlSeconds": 60}}, "counters.ttlSeconds", "greater than or equal to 3600"),
+    ({"counters": {"granularities": ["daily", "daily"]}}, "counters.granularities", "once"),
+    ({"ingest": {"maxPastSeconds": 10 ** 7}}, "ingest.maxPastSeconds", "exceeds counters.ttlSeconds"),
+    ({"flush": {"batchSize": "many"}}, "flush.batchSize", "integer"),
+    ({"sidecar": {"port": 0}}, "sidecar.port", "between 1 and 65535"),
+    ({"flusher": {"backoffLimit": 11}}, "flusher.backoffLimit", "between 0 and 10"),
+    ({"flusher": {"resources": {"limits": {"memory": "lots"}}}}, "flusher.resources.limits.memory", "quantity"),
+    ({"redis": {"secretRef": {"name": ""}}}, "redis.secretRef.name", "Secret"),
+    ({"postgres": None}, "postgres.secretRef.name", "Secret"),
+    ({"counters": "big"}, "counters", "object"),
+])
+def test_spec_errors_name_the_spec_field(patch: dict[str, Any], field: str, words: str) -> None:
+    spec = {**copy.deepcopy(MINIMAL), **patch}
+    with pytest.raises(render.InvalidSpec) as caught:
+        render.desired_state("ns", "web", spec, default_image="img:1")
+    assert caught.value.field == field and words in str(caught.value)
+
+
+def test_name_too_long_for_a_cronjob_is_refused() -> None:
+    with pytest.raises(render.InvalidSpec, match="52 characters"):
+        render.desired_state("ns", "x" * 45, MINIMAL, default_image="img:1")
+
+
+def test_configmap_is_loadable_by_the_sidecars_loader_and_has_no_secrets(tmp_path: Path) -> None:
+    spec = {**copy.deepcopy(MINIMAL), "ingest": {"maxBatchEvents": 10, "maxPastSeconds": 7200},
+            "sidecar": {"port": 9000}, "flush": {"retentionDays": 30}}
+    desired = render.desired_state("shop", "checkout", spec, default_image="img:1")
+    path = tmp_path / crd.CONFIG_KEY
+    path.write_text(desired.configmap["data"][crd.CONFIG_KEY], encoding="utf-8")
+    config = load_config(path, env={})
+    assert config == desired.config
+    assert config.pipeline == "shop/checkout" and config.ingest.max_batch_events == 10
+    assert config.server.port == 9000 and config.server.host == "0.0.0.0" and config.flush.retention_days == 30
+    assert "redis_url" not in yaml.safe_load(path.read_text()) and "database_url" not in path.read_text()
+
+
+def test_sidecar_snippet_is_a_usable_container() -> None:
+    desired = render.desired_state("shop", "checkout", MINIMAL, default_image="img:1")
+    snippet = yaml.safe_load(desired.configmap["data"][crd.SIDECAR_SNIPPET_KEY])
+    (container,) = snippet["containers"]
+    assert container["ports"] == [{"name": "analytics", "containerPort": 8787, "protocol": "TCP"}]
+    assert container["args"][:3] == ["sidecar", "--config", crd.CONFIG_PATH]
+    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "conn", "key": "redis-url"}
+    assert snippet["volumes"] == [{"name": "analytics-config", "configMap": {"name": "checkout-sidecar-config"}}]
+    assert container["volumeMounts"][0]["mountPath"] == crd.CONFIG_DIR
+
+
+def test_migrations_init_container_can_be_turned_off() -> None:
+    spec = {**copy.deepcopy(MINIMAL), "flusher": {"runMigrations": False}}
+    pod = render.desired_state("ns", "web", spec, default_image="i")
+    assert "initContainers" not in pod.cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def test_contains_ignores_server_defaults_but_not_changes() -> None:
+    want = {"spec": {"a": 1, "list": [{"x": "1"}], "res": {"cpu": "0.5", "memory": "1Gi"}}}
+    have = copy.deepcopy(want)
+    have["spec"]["dnsPolicy"] = "ClusterFirst"  # server default
+    have["spec"]["list"][0]["terminationMessagePath"] = "/dev/termination-log"
+    have["spec"]["res"] = {"cpu": "500m", "memory": "1024Mi"}  # canonicalised quantities
+    assert render.contains(have, want)
+    assert not render.contains({**have, "spec": {**have["spec"], "a": 2}}, want)
+    assert not render.contains({**have, "spec": {**have["spec"], "list": [{"x": "1"}, {"y": 2}]}}, want)
+    assert not render.contains({"spec": {"a": True}}, {"spec": {"a": 1}})
+    assert render.parse_quantity("1Ki") == 1024 and render.parse_quantity("2e3") == 2000
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    ({}, None),
+    ({"lastScheduleTime": "2026-01-01T10:00:00Z", "lastSuccessfulTime": "2026-01-01T10:00:05Z"}, "Succeeded"),
+    ({"lastScheduleTime": "2026-01-01T10:05:00Z", "lastSuccessfulTime": "2026-01-01T10:00:05Z"}, "Failed"),
+    ({"lastScheduleTime": "2026-01-01T10:05:00Z", "active": [{"name": "job"}]}, "Running"),
+    ({"lastScheduleTime": "2026-01-01T10:05:00Z"}, "Failed"),
+])
+def test_last_flush_result(status: dict[str, Any], expected: str | None) -> None:
+    result = flush_status({"status": status})
+    assert (result or {}).get("result") == expected
