@@ -256,6 +256,37 @@ def _check_name(parameter: str, value: str | None) -> None:
         raise QueryInputError(parameter, "must be a non-empty printable string of at most 1024 characters")
 
 
+DEFAULT_DAYS = 30
+DEFAULT_HOURS = 48
+
+
+def parse_moment(parameter: str, text: str) -> date | datetime:
+    """``YYYY-MM-DD`` (a date) or an ISO 8601 datetime (``Z`` or an offset; naive means UTC)."""
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise QueryInputError(parameter, f"not a date (YYYY-MM-DD) or ISO 8601 datetime: {text!r}") from None
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def resolve_range(granularity: str, start: str | None, end: str | None,
+                  now: datetime | None = None) -> tuple[date | datetime, date | datetime]:
+    """Parse ``from``/``to`` texts; defaults: up to now, the last 48 hours (hour) or 30 days (day)."""
+    now = now or datetime.now(UTC)
+    if granularity == "hour":
+        last: date | datetime = parse_moment("to", end) if end else now
+        if start:
+            return parse_moment("from", start), last
+        last_hour = last if isinstance(last, datetime) else datetime(last.year, last.month, last.day, 23, tzinfo=UTC)
+        return last_hour - timedelta(hours=DEFAULT_HOURS - 1), last
+    last = parse_moment("to", end) if end else now.date()
+    if start:
+        return parse_moment("from", start), last
+    return (last.date() if isinstance(last, datetime) else last) - timedelta(days=DEFAULT_DAYS - 1), last
+
+
 class Queries:
     """Exact reads of one pipeline over a Redis client and an asyncpg pool (or one connection).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg
@@ -20,14 +20,12 @@ import redis.exceptions
 from aiohttp import web
 
 from analytics_pipeline.core.config import Config
-from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError
+from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError, parse_moment, resolve_range
 from analytics_pipeline.flusher.db import create_pool
 from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, describe
 
 from .appkeys import CONFIG, REDIS
 
-DEFAULT_DAYS = 30
-DEFAULT_HOURS = 48
 RETRY_AFTER_S = 5
 
 
@@ -69,17 +67,6 @@ def _unavailable(message: str) -> web.Response:
     return _json({"error": "unavailable", "message": message}, 503, {"Retry-After": str(RETRY_AFTER_S)})
 
 
-def parse_moment(parameter: str, text: str) -> date | datetime:
-    """``YYYY-MM-DD`` (a date) or an ISO 8601 datetime (``Z`` or an offset; naive means UTC)."""
-    try:
-        if len(text) == 10:
-            return date.fromisoformat(text)
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise QueryInputError(parameter, f"not a date (YYYY-MM-DD) or ISO 8601 datetime: {text!r}") from None
-    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
     params: dict[str, str] = {}
     for name, value in request.query.items():
@@ -92,20 +79,6 @@ def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
         if name in params and not params[name]:
             raise QueryInputError(name, "must not be empty (leave it out for all)")
     return params
-
-
-def _range(params: dict[str, str], hourly: bool) -> tuple[date | datetime, date | datetime]:
-    now = datetime.now(UTC)
-    if hourly:
-        end: date | datetime = parse_moment("to", params["to"]) if "to" in params else now
-        start = parse_moment("from", params["from"]) if "from" in params else (
-            (end if isinstance(end, datetime) else datetime(end.year, end.month, end.day, 23, tzinfo=UTC))
-            - timedelta(hours=DEFAULT_HOURS - 1))
-    else:
-        end = parse_moment("to", params["to"]) if "to" in params else now.date()
-        start = parse_moment("from", params["from"]) if "from" in params else (
-            (end.date() if isinstance(end, datetime) else end) - timedelta(days=DEFAULT_DAYS - 1))
-    return start, end
 
 
 def _iso(value: date | datetime) -> str:
@@ -138,7 +111,7 @@ async def counts(request: web.Request) -> web.Response:
         granularity = params.get("granularity", "day")
         if granularity not in ("hour", "day"):
             raise QueryInputError("granularity", "must be 'hour' or 'day'")
-        start, end = _range(params, granularity == "hour")
+        start, end = resolve_range(granularity, params.get("from"), params.get("to"))
     except QueryInputError as error:
         return _bad(error.parameter, error.message)
 
@@ -154,7 +127,7 @@ async def uniques(request: web.Request) -> web.Response:
     """``GET /v1/uniques?event=&from=&to=`` → distinct users per day (and over the whole range)."""
     try:
         params = _params(request, {"event", "from", "to"})
-        start, end = _range(params, hourly=False)
+        start, end = resolve_range("day", params.get("from"), params.get("to"))
     except QueryInputError as error:
         return _bad(error.parameter, error.message)
 
