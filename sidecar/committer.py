@@ -412,12 +412,16 @@ class GroupCommitter:
                 await connection.connect()
                 try:
                     found = await connection.execute("SET", token_key, "fenced", "NX", "PX", FENCE_TTL_MS, "GET")
-                except ResponseError:  # Redis < 7 refuses NX together with GET
+                except ResponseError as error:
+                    if "syntax" not in str(error).lower():
+                        raise
+                    # Redis < 7 refuses NX together with GET: SET NX, and read the token if it lost.
                     won = await connection.execute("SET", token_key, "fenced", "NX", "PX", FENCE_TTL_MS)
                     found = None if won is not None else await connection.execute("GET", token_key)
                 return found  # type: ignore[no-any-return]
-            except _AMBIGUOUS:
-                pass
+            except (*_AMBIGUOUS, ResponseError) as error:
+                # No answer, or a transient refusal (LOADING after a restart, BUSY, ...): ask again.
+                log.debug("fence attempt for %s failed: %r", token_key, error)
             finally:
                 connection.abort()
             if time.monotonic() >= deadline:

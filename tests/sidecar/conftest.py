@@ -67,3 +67,18 @@ def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
     finally:
         server.resume()
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _unregister_pipeline(redis_url: str, pipeline: str) -> Iterator[None]:
+    """Take the test pipeline out of ``ap:pipelines`` afterwards, so ``flush --all`` runs elsewhere skip it."""
+    yield
+    import redis
+
+    from analytics_pipeline.core.keys import PIPELINES_SET
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.srem(PIPELINES_SET, pipeline)
+    finally:
+        client.close()
