@@ -1,0 +1,103 @@
+"""The shared config model: defaults, file + env overrides, and validation messages that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from analytics_pipeline.core.config import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_PIPELINE,
+    DEFAULT_REDIS_URL,
+    ConfigError,
+    load_config,
+    parse_config,
+)
+
+
+def test_defaults() -> None:
+    config = load_config(env={})
+    assert config.pipeline == DEFAULT_PIPELINE
+    assert config.redis_url == DEFAULT_REDIS_URL and config.database_url == DEFAULT_DATABASE_URL
+    assert config.server.host == "127.0.0.1" and config.server.port == 8787
+    assert config.server.group_commit_window_ms == 2.0
+    assert config.counters.granularities == ("daily", "hourly", "user_daily")
+    assert config.counters.ttl_seconds == 7 * 86400
+    assert config.ingest.max_event_bytes == 32 * 1024 and config.ingest.max_request_bytes == 500 * 1024
+    assert config.ingest.max_batch_events == 2500 and config.ingest.max_name_length == 128
+    assert config.ingest.dedup_window_seconds == 86400
+    assert config.max_past_seconds == config.counters.ttl_seconds
+
+
+def test_file_then_env_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("pipeline: shop/web\nredis_url: redis://file:6379/0\ncounters:\n  ttl_seconds: 7200\n")
+    from_file = load_config(path, env={})
+    assert from_file.pipeline == "shop/web" and from_file.redis_url == "redis://file:6379/0"
+    assert from_file.counters.ttl_seconds == 7200
+    env = {"REDIS_URL": "redis://env:6380/1", "DATABASE_URL": "postgresql://u@db/x", "ANALYTICS_PIPELINE": "ns/other"}
+    overridden = load_config(path, env=env)
+    assert overridden.redis_url == "redis://env:6380/1"
+    assert overridden.database_url == "postgresql://u@db/x"
+    assert overridden.pipeline == "ns/other"
+    assert overridden.counters.ttl_seconds == 7200
+    # The file may also come from ANALYTICS_CONFIG; empty env values do not override.
+    assert load_config(env={"ANALYTICS_CONFIG": str(path), "REDIS_URL": ""}).redis_url == "redis://file:6379/0"
+
+
+def test_bare_pipeline_name_gets_default_namespace() -> None:
+    assert parse_config({"pipeline": "web"}).pipeline == "default/web"
+
+
+@pytest.mark.parametrize(("data", "key", "words"), [
+    ({"counters": {"ttl": 5}}, "counters.ttl", "unknown key"),
+    ({"colour": "red"}, "colour", "unknown key"),
+    ({"server": {"port": "eighty"}}, "server.port", "integer"),
+    ({"server": {"port": 70000}}, "server.port", "less than or equal to 65535"),
+    ({"counters": {"ttl_seconds": 60}}, "counters.ttl_seconds", "greater than or equal to 3600"),
+    ({"counters": {"granularities": ["weekly"]}}, "counters.granularities.0", "'daily'"),
+    ({"counters": {"granularities": ["daily", "daily"]}}, "counters.granularities", "listed once"),
+    ({"counters": {"granularities": []}}, "counters.granularities", "at least 1"),
+    ({"pipeline": "Bad_Name/x"}, "pipeline", "<namespace>/<name>"),
+    ({"redis_url": "http://x"}, "redis_url", "redis://"),
+    ({"database_url": "mysql://x"}, "database_url", "postgresql://"),
+    ({"ingest": {"max_batch_events": 0}}, "ingest.max_batch_events", "greater than or equal to 1"),
+    ({"ingest": {"max_past_seconds": 999999999}, "counters": {"ttl_seconds": 7200}}, "(top level)",
+     "exceeds counters.ttl_seconds"),
+])
+def test_validation_names_the_key(data: dict, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(data, source="my.yaml")
+    message = str(error.value)
+    assert message.startswith(f"my.yaml: {key}: "), message
+    assert words in message
+    assert "\n" not in message
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(missing, env={})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as error:
+        load_config(broken, env={})
+    assert "\n" not in str(error.value)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar, env={})
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty, env={}).pipeline == DEFAULT_PIPELINE
+
+
+def test_config_is_frozen_and_file_dict_has_no_secrets() -> None:
+    config = parse_config({"redis_url": "redis://:secret@r:6379/0"})
+    with pytest.raises(pydantic.ValidationError):
+        config.pipeline = "x/y"  # type: ignore[misc]
+    as_file = config.to_file_dict()
+    assert "redis_url" not in as_file and "database_url" not in as_file
+    assert parse_config(as_file).counters == config.counters
