@@ -51,6 +51,21 @@ def _hour(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
+def increments(config: Config, events: Iterable[tuple[str, str | None, datetime]]) -> Counter[CounterKey]:
+    """The counters a batch of ``(event_type, user_id, timestamp)`` adds, keyed like PostgreSQL rows."""
+    kinds = {KIND_OF_GRANULARITY[g] for g in config.counters.granularities}
+    out: Counter[CounterKey] = Counter()
+    for event_type, user_id, moment in events:
+        moment = moment.astimezone(UTC)
+        if "d" in kinds:
+            out["d", event_type, moment.date()] += 1
+        if "h" in kinds:
+            out["h", event_type, _hour(moment)] += 1
+        if "u" in kinds and user_id is not None:
+            out["u", event_type, moment.date(), user_id] += 1
+    return out
+
+
 class LuaWriter:
     """Counts events into live Redis buckets exactly as the sidecar does, and remembers what was acked."""
 
@@ -58,22 +73,11 @@ class LuaWriter:
         self.client = client
         self.config = config
         self.keys = PipelineKeys(config.pipeline)
-        self.kinds = [KIND_OF_GRANULARITY[g] for g in config.counters.granularities]
         self.expected: Counter[CounterKey] = Counter()
         self._script = client.register_script(WRITE_LUA)
 
     def increments(self, events: Iterable[tuple[str, str | None, datetime]]) -> Counter[CounterKey]:
-        """The counters a batch of ``(event_type, user_id, timestamp)`` adds, keyed like PostgreSQL rows."""
-        out: Counter[CounterKey] = Counter()
-        for event_type, user_id, moment in events:
-            moment = moment.astimezone(UTC)
-            if "d" in self.kinds:
-                out["d", event_type, moment.date()] += 1
-            if "h" in self.kinds:
-                out["h", event_type, _hour(moment)] += 1
-            if "u" in self.kinds and user_id is not None:
-                out["u", event_type, moment.date(), user_id] += 1
-        return out
+        return increments(self.config, events)
 
     def _args(self, increments: Counter[CounterKey]) -> list[Any]:
         args: list[Any] = [self.config.counters.ttl_seconds, self.config.pipeline]
@@ -90,6 +94,41 @@ class LuaWriter:
         increments = self.increments(events)
         await self._script(keys=[self.keys.dirty, PIPELINES_SET], args=self._args(increments))
         self.expected.update(increments)  # acked: the script returned
+
+
+class SidecarWriter:
+    """Writes through the REAL sidecar (``create_app`` served on a loopback port): acked = HTTP 202."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.expected: Counter[CounterKey] = Counter()
+        self._server: Any = None
+        self._session: Any = None
+
+    async def start(self) -> SidecarWriter:
+        import aiohttp
+        from aiohttp.test_utils import TestServer
+
+        from analytics_pipeline.sidecar.app import create_app
+
+        self._server = TestServer(create_app(self.config))
+        await self._server.start_server()
+        self._session = aiohttp.ClientSession(str(self._server.make_url("")))
+        return self
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._server is not None:
+            await self._server.close()
+
+    async def write(self, events: Sequence[tuple[str, str | None, datetime]]) -> None:
+        body = [{"event": e, **({"user_id": u} if u is not None else {}),
+                 "timestamp": t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")} for e, u, t in events]
+        async with self._session.post("/v1/batch", json={"batch": body}) as response:
+            text = await response.text()
+            assert response.status == 202, (response.status, text)
+        self.expected.update(increments(self.config, events))
 
 
 async def pg_counters(conn: asyncpg.Connection, pipeline: str) -> Counter[CounterKey]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from flushkit import LuaWriter
+from flushkit import LuaWriter, SidecarWriter, Writer, pg_counters
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
@@ -191,11 +192,25 @@ async def test_bad_parameters_name_the_parameter(redis_client: aioredis.Redis, p
         assert error.value.parameter == parameter
 
 
+@pytest.fixture(params=["lua", "sidecar"])
+async def any_writer(request: pytest.FixtureRequest, writer: LuaWriter, config: Config) -> AsyncIterator[Writer]:
+    """The sidecar stand-in, or the real sidecar (create_app over HTTP; acked = 202)."""
+    if request.param == "lua":
+        yield writer
+        return
+    real = await SidecarWriter(config).start()
+    try:
+        yield real
+    finally:
+        await real.close()
+
+
 async def test_queries_under_concurrent_writes_and_flushes(redis_url: str, redis_client: aioredis.Redis,
                                                            pg: asyncpg.Connection, config: Config,
-                                                           writer: LuaWriter) -> None:
+                                                           any_writer: Writer) -> None:
     """Samples taken while writers write and flushers flush are never above what was sent, never below
     what was acked before the query started; final totals exact."""
+    writer = any_writer
     sent: Counter[str] = Counter()  # incremented before a write is sent
     acked: Counter[str] = Counter()  # incremented after it returned
     users_sent: set[str] = set()
@@ -278,3 +293,4 @@ async def test_queries_under_concurrent_writes_and_flushes(redis_url: str, redis
     await flush_pipeline(redis_client, pg, config, config.pipeline)
     assert (await q.counts(None, TODAY, TODAY, "day")).total == acked["all"]
     assert (await q.counts("e1", TODAY, TODAY, "day")).total == acked["e1"]
+    assert await pg_counters(pg, config.pipeline) == writer.expected  # every acked increment, exactly once
