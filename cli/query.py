@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
@@ -22,7 +23,14 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import Config, ConfigError, load_config
 from analytics_pipeline.core.keys import PipelineKeys
-from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError, parse_moment, resolve_range
+from analytics_pipeline.core.queries import (
+    ConsistencyError,
+    Point,
+    Queries,
+    QueryInputError,
+    parse_moment,
+    resolve_range,
+)
 from analytics_pipeline.flusher.db import connect
 from analytics_pipeline.flusher.errors import (
     POSTGRES_CONNECTION_ERRORS,
@@ -51,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_parser("events", parents=[common, ranged], help="event types seen, with totals")
 
 
+def _iso(value: date | datetime) -> str:
+    return Point(value, 0).as_json()["bucket"]
+
+
 def _table(headers: tuple[str, str], rows: list[tuple[str, int]], footer: list[tuple[str, int]]) -> str:
     width = max([len(headers[0]), *(len(r[0]) for r in rows + footer)])
     numbers = max([len(headers[1]), *(len(f"{r[1]:,}") for r in rows + footer)])
@@ -70,14 +82,14 @@ async def _query(args: argparse.Namespace, config: Config) -> tuple[dict[str, An
         if args.what == "counts":
             start, end = resolve_range(args.granularity, args.start, args.end)
             series = await queries.counts(args.event, start, end, args.granularity, user_id=args.user_id)
-            body = series.as_json()
+            body = {**series.as_json(), "from": _iso(series.points[0].bucket), "to": _iso(series.points[-1].bucket)}
             rows = [(p["bucket"], p["count"]) for p in body["series"]]
             title = args.granularity
             return body, _table((title, "count"), rows, [("total", series.total)])
         if args.what == "uniques":
             start, end = resolve_range("day", args.start, args.end)
             result = await queries.uniques(args.event, start, end)
-            body = result.as_json()
+            body = {**result.as_json(), "from": _iso(result.points[0].bucket), "to": _iso(result.points[-1].bucket)}
             rows = [(p["bucket"], p["count"]) for p in body["series"]]
             return body, _table(("day", "users"), rows, [("distinct over range", result.distinct_total)])
         start_day = parse_moment("from", args.start) if args.start else None

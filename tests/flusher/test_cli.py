@@ -117,7 +117,8 @@ async def test_query_command_table_and_json(redis_client: aioredis.Redis, pg: as
     assert out.split() == ["day", "count", day, "3", "-" * len(f"{day}  count"), "total", "3"]
     code, out, err = await run_cli_async(["query", "uniques", "--from", day, "--json"], env)
     assert code == 0, err
-    assert json.loads(out) == {"event": None, "series": [{"bucket": day, "count": 3}], "distinct_total": 3}
+    assert json.loads(out) == {"event": None, "series": [{"bucket": day, "count": 3}], "distinct_total": 3,
+                               "from": day, "to": day}
     code, out, err = await run_cli_async(["query", "events", "--json"], env)
     assert json.loads(out) == {"events": [{"event": "view", "count": 3}, {"event": "click", "count": 1}], "total": 4}
     code, out, err = await run_cli_async(["query", "counts", "--granularity", "hour", "--user-id", "u1"], env)
