@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -189,3 +190,28 @@ async def test_missing_schema_is_reported(redis_client: aioredis.Redis, config: 
         await conn.close()
     assert stats.exit_code == 2 and stats.error and "analytics-pipeline migrate" in stats.error
     assert await redis_client.zcard(PipelineKeys(config.pipeline).inflight) == 1  # kept for the next run
+
+
+async def test_lock_is_owned_by_its_token(redis_client: aioredis.Redis, keys: PipelineKeys) -> None:
+    staging = Staging(redis_client, keys)
+    token = await staging.acquire_lock(60_000)
+    assert token and await staging.acquire_lock(60_000) is None
+    assert not await staging.extend_lock("not-mine", 60_000)
+    assert not await staging.release_lock("not-mine") and await redis_client.get(keys.lock) == token
+    assert await staging.release_lock(token) and await redis_client.exists(keys.lock) == 0
+
+
+async def test_lock_is_extended_while_a_run_lasts(redis_client: aioredis.Redis, pg: asyncpg.Connection,
+                                                  config: Config, writer: LuaWriter, keys: PipelineKeys) -> None:
+    short = make_config(config.pipeline, config.redis_url, config.database_url, flush={"lock_ttl_seconds": 5})
+    await writer.write(events(3))
+    remaining: list[int] = []
+
+    async def slow(step: str) -> None:
+        if step == "after_claim":
+            await asyncio.sleep(2.2)  # longer than ttl/3: the keeper must have extended it by now
+            remaining.append(await redis_client.pttl(keys.lock))
+
+    stats = await flush_pipeline(redis_client, pg, short, config.pipeline, hook=slow)
+    assert stats.error is None and not stats.lock_lost
+    assert remaining[0] > 4000  # without the extension it would be below 2800
