@@ -6,6 +6,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import kopf
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -138,3 +140,22 @@ def test_contains_ignores_server_defaults_but_not_changes() -> None:
 def test_last_flush_result(status: dict[str, Any], expected: str | None) -> None:
     result = flush_status({"status": status})
     assert (result or {}).get("result") == expected
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.utils.latest_version()])
+def test_children_are_valid_kubernetes_objects(version: str) -> None:
+    """The ConfigMap and CronJob as the operator applies them (owner reference included), strictly validated."""
+    spec = {**copy.deepcopy(MINIMAL), "flush": {"interval": "10m"}, "suspend": True}
+    desired = render.desired_state("shop", "checkout", spec, default_image="registry.example/ap:1")
+    owner = {"apiVersion": crd.API_VERSION, "kind": crd.KIND,
+             "metadata": {"name": "checkout", "namespace": "shop", "uid": "0b2c-uid", "labels": {"team": "x"}}}
+    for child in (desired.configmap, desired.cronjob):
+        child = copy.deepcopy(child)
+        kopf.adopt(child, owner=owner)
+        assert child["metadata"]["ownerReferences"][0]["controller"] is True
+        kubernetes_validate.validate(child, version, strict=True)
+    snippet = yaml.safe_load(desired.configmap["data"][crd.SIDECAR_SNIPPET_KEY])
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
+           "spec": {"containers": [{"name": "app", "image": "app:1"}, *snippet["containers"]],
+                    "volumes": snippet["volumes"]}}
+    kubernetes_validate.validate(pod, version, strict=True)
