@@ -57,6 +57,11 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True)
         logger.info("operator starting: default image %s, resync every %ss, child watching %s",
                     memo.ctx.default_image, resync_seconds, "on" if watch_children else "off")
 
+    # A registry of our own gets none of kopf's default login handlers: log in as kopf would by default.
+    @kopf.on.login(registry=registry)
+    def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.ctx.api.close()

@@ -309,7 +309,10 @@ async def _reconcile_body(ctx: OperatorContext, body: dict[str, Any], why: str) 
     if not ok:
         logger.warning("%s/%s: not ready (%s): %s", namespace, name, why, message)
     elif not actions:
-        logger.debug("%s/%s: up to date (%s)", namespace, name, why)
+        # Routine checks (timer, our own writes echoing back) stay quiet; a spec event is always reported.
+        level = logging.INFO if why.startswith("AnalyticsPipeline") else logging.DEBUG
+        logger.log(level, "%s/%s: ConfigMap %s and CronJob %s already match generation %s (%s)",
+                   namespace, name, cm.name, cj.name, generation, why)
     await _write_status(ctx.api, body, status)
     # A name conflict is not retried here: the child's own events and the resync timer re-run us once it is gone.
     return Outcome(ok, reason, message, actions)
