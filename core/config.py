@@ -84,7 +84,8 @@ class FlushConfig(_Section):
 
     batch_size: int = Field(1000, ge=1, le=1_000_000, description="buckets claimed per transaction")
     retention_days: int = Field(400, ge=1, le=36500)
-    lock_ttl_seconds: int = Field(600, ge=5, le=86400)
+    # Short, and extended every ttl/3 while a run lasts: a killed flusher blocks the next run briefly.
+    lock_ttl_seconds: int = Field(60, ge=5, le=86400)
     statement_timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
 

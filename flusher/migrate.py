@@ -49,6 +49,10 @@ async def apply_schema(conn: asyncpg.Connection) -> list[tuple[str, str]]:
         if lock:  # the same lock the script takes (they stack): look at what exists only once we hold it
             await conn.execute(lock.group(0))
         before = await _existing(conn, [name for _, name in objects])
+        if all(name in before for _, name in objects):
+            # Nothing to create: re-running the DDL would take table locks that can deadlock
+            # with a concurrent flush transaction, for no change.
+            return []
         await conn.execute(sql)
     return [(kind, name) for kind, name in objects if name not in before]
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from support import make_config
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
 from analytics_pipeline.core.services import RedisServer, Services, local_services
-from support import make_config
+
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
