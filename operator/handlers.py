@@ -81,6 +81,8 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True)
         try:
             await reconcile(memo.ctx, namespace, name, why="periodic resync")
         except KubeApiError as error:  # the next tick tries again
+            if memo.ctx.api.closed:  # kopf may fire a timer while it shuts down
+                return
             logger.warning("%s/%s: resync failed: %s", namespace, name, error)
 
     if watch_children:
@@ -97,6 +99,8 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True)
             try:
                 await reconcile(memo.ctx, namespace, owner, why=why)
             except KubeApiError as error:  # the resync timer tries again
+                if memo.ctx.api.closed:
+                    return
                 logger.warning("%s/%s: reconcile after %s failed: %s", namespace, owner, why, error)
 
     return registry

@@ -52,9 +52,12 @@ class KubeApi:
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
         self._lock = asyncio.Lock()
+        self.closed = False
 
     async def _connect(self, fresh: bool = False) -> aiohttp.ClientSession:
         async with self._lock:
+            if self.closed:
+                raise KubeApiError(0, "Closed", "the operator is shutting down")
             if self._session is not None and not fresh:
                 return self._session
             if self._session is not None:
@@ -69,8 +72,9 @@ class KubeApi:
             return self._session
 
     async def close(self) -> None:
-        """Close the HTTP session (call before the event loop stops)."""
+        """Close the HTTP session (call before the event loop stops); later calls raise KubeApiError."""
         async with self._lock:
+            self.closed = True
             if self._session is not None:
                 await self._session.close()
                 self._session = None
