@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -170,6 +171,13 @@ async def eventually(check: Callable[[], Any], within: float = 10.0, interval: f
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {within}s (last error: {last_error!r})")
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for the operator's liveness endpoint)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _kubeconfig(path: Path, server: str) -> Path:

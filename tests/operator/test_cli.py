@@ -11,18 +11,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from operator_harness import Cluster, condition, eventually
-from test_operator import NS, SPEC, _free_port
+from operator_harness import Cluster, condition, eventually, free_port
 
 from analytics_pipeline.operator import crd
 
+NS = "team-cli"
+SPEC = {"redis": {"secretRef": {"name": "conn"}}, "postgres": {"secretRef": {"name": "conn"}}}
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
 @pytest.mark.skipif(SERVICE_ACCOUNT_TOKEN.exists(), reason="inside a pod the operator would log in with its token")
 async def test_operator_command_reconciles_serves_liveness_and_stops_on_sigterm(cluster: Cluster,
                                                                                tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     liveness = f"http://127.0.0.1:{port}/healthz"
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "analytics-pipeline"), "operator", "--all-namespaces",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from operator_harness import (
     Cluster,
     condition,
     eventually,
+    free_port,
     running_operator,
 )
 
@@ -300,15 +300,9 @@ async def test_resume_reconciles_what_changed_while_the_operator_was_down(cluste
     assert cluster.get(CONFIGMAPS, NS, "late-sidecar-config") and cluster.get(CRONJOBS, NS, "late-flusher")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_helm_selftest_passes_against_the_running_operator(cluster: Cluster, tmp_path: Path) -> None:
     """The `helm test` check (CRD served, list allowed, liveness 200) against the emulator and live operator."""
-    port = _free_port()
+    port = free_port()
     token = tmp_path / "token"
     token.write_text("test-token", encoding="utf-8")
     argv = ["--api-server", str(cluster.server.url).rstrip("/"), "--token-file", str(token),
