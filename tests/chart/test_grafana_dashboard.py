@@ -58,7 +58,7 @@ async def db(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]
         yield conn, pipeline
     finally:
         for table in ("analytics_daily", "analytics_hourly", "analytics_user_daily"):
-            await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
+            await conn.execute(f"DELETE FROM {table} WHERE pipeline IN ($1, $2)", pipeline, f"{pipeline}-other")
         await conn.close()
 
 
@@ -67,7 +67,7 @@ async def test_panels_return_the_flushed_numbers(db: tuple[asyncpg.Connection, s
     await conn.executemany("INSERT INTO analytics_daily (pipeline, event_type, day, count) VALUES ($1, $2, $3, $4)", [
         (pipeline, "page_view", date(2026, 3, 1), 10), (pipeline, "page_view", date(2026, 3, 2), 7),
         (pipeline, "signup", date(2026, 3, 2), 2), (pipeline, "page_view", date(2026, 4, 5), 1000),  # out of range
-        ("other/pipeline-x", "page_view", date(2026, 3, 1), 999)])
+        (f"{pipeline}-other", "page_view", date(2026, 3, 1), 999)])  # another pipeline: not counted
     await conn.executemany("INSERT INTO analytics_hourly (pipeline, event_type, hour, count) VALUES ($1, $2, $3, $4)", [
         (pipeline, "page_view", datetime(2026, 3, 1, 9, tzinfo=UTC), 4),
         (pipeline, "page_view", datetime(2026, 3, 1, 10, tzinfo=UTC), 6)])
