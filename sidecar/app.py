@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -35,28 +38,52 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def never_500(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn any unexpected exception of any route into a logged 503 with Retry-After, never a 500."""
+def _guarded(handler: Handler) -> Handler:
+    """Wrap a route handler so that an unexpected exception becomes a logged 503, never a 500."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (web.HTTPException, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("unexpected error in %s %s; answering 503", request.method, request.path)
+            state = request.app[STATE]
+            state.metrics.refused("internal_error")
+            body = {"error": "internal_error", "message": "internal error; retry later", "errors": []}
+            return web.Response(status=503, body=orjson.dumps(body), content_type="application/json",
+                                headers={"Retry-After": str(state.config.server.retry_after_seconds)})
+
+    return guarded
+
+
+@contextlib.contextmanager
+def _guarding_routes(app: web.Application) -> Iterator[None]:
+    """While other modules register routes, wrap their coroutine handlers with :func:`_guarded`.
+
+    (A middleware would do the same for every request, ingest included, at a measurable cost on the
+    hot path; the ingest handlers guard themselves.)
+    """
+    router = app.router
+    add_route = router.add_route
+
+    def add_guarded_route(method: str, path: str, handler: Any, **kwargs: Any) -> Any:
+        if inspect.iscoroutinefunction(handler):
+            handler = _guarded(handler)
+        return add_route(method, path, handler, **kwargs)
+
+    router.add_route = add_guarded_route  # type: ignore[method-assign]
     try:
-        return await handler(request)
-    except web.HTTPException:
-        raise
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unexpected error in %s %s; answering 503", request.method, request.path)
-        state = request.app[STATE]
-        state.metrics.refused("internal_error")
-        body = {"error": "internal_error", "message": "internal error; retry later", "errors": []}
-        return web.Response(status=503, body=orjson.dumps(body), content_type="application/json",
-                            headers={"Retry-After": str(state.config.server.retry_after_seconds)})
+        yield
+    finally:
+        del router.add_route
 
 
 def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = None,
                reload_interval: float = 2.0, fence_deadline_seconds: float | None = None) -> web.Application:
     """Build the sidecar app for ``config``; with ``config_path`` the file is watched and reloaded live."""
-    app = web.Application(middlewares=[never_500], client_max_size=config.ingest.max_request_bytes + 1)
+    app = web.Application(client_max_size=config.ingest.max_request_bytes + 1)
     metrics = SidecarMetrics()
     committer = GroupCommitter(config, metrics, fence_deadline_seconds=fence_deadline_seconds)
     state = SidecarState(config, EventValidator(config), committer, metrics)
@@ -68,9 +95,10 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     app[REDIS] = aioredis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=timeout,
                                          socket_connect_timeout=timeout)
     setup_ingest_routes(app)
-    setup_health_routes(app)
-    setup_query_routes(app)
-    setup_dashboard(app)
+    with _guarding_routes(app):
+        setup_health_routes(app)
+        setup_query_routes(app)
+        setup_dashboard(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         watcher_task = None

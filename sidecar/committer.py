@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -113,7 +114,9 @@ class GroupCommitter:
         self._pending: list[_Pending] = []
         self._pending_events = 0
         self._max_pending_events = max(50_000, 20 * self.settings.max_events)
-        self._timer: asyncio.TimerHandle | None = None
+        self._collecting = False  # a _tick is scheduled
+        self._deadline = 0.0  # loop time by which the batch being collected goes out
+        self._seen = 0  # requests pending at the last _tick
         self._writes: set[asyncio.Task[None]] = set()
         self._done_tokens: list[str] = []
         self._instance = uuid.uuid4().hex[:16]
@@ -149,8 +152,11 @@ class GroupCommitter:
         self._pending_events += len(events)
         if self._pending_events >= self.settings.max_events:
             self._dispatch()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.settings.window_seconds, self._on_timer)
+        elif not self._collecting and self._free_lanes:
+            self._collecting = True
+            self._deadline = loop.time() + self.settings.window_seconds
+            self._seen = len(self._pending)
+            loop.call_soon(self._tick)
         return future
 
     async def commit(self, events: Sequence[Event]) -> int:
@@ -180,8 +186,20 @@ class GroupCommitter:
             lane.abort()
 
     # -------------------------------------------------------------------------------- batching
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _tick(self) -> None:
+        """Once per event-loop turn while collecting: go when arrivals stop, or at the window's end.
+
+        Waiting out a fixed window would leave the CPU idle under a closed-loop load; going as soon
+        as a loop turn brought no new request keeps batches as large as the arrival rate allows.
+        """
+        loop = self._loop
+        assert loop is not None
+        count = len(self._pending)
+        if count != self._seen and loop.time() < self._deadline:
+            self._seen = count
+            loop.call_soon(self._tick)
+            return
+        self._collecting = False
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -205,10 +223,6 @@ class GroupCommitter:
             task = asyncio.get_running_loop().create_task(self._write(lane, batch))
             self._writes.add(task)
             task.add_done_callback(self._write_done)
-        if self._pending and self._timer is not None and not self._free_lanes:
-            # No lane: the next write completion dispatches; the timer is of no use meanwhile.
-            self._timer.cancel()
-            self._timer = None
 
     def _write_done(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
@@ -219,64 +233,77 @@ class GroupCommitter:
     def _plan(self, batch: list[_Pending], token_key: str, done_tokens: list[str]) -> _Plan:
         """Turn a batch into the script's KEYS/ARGV: summed increments, then per-message-id events."""
         s = self.settings
-        daily, hourly, user_daily = s.daily, s.hourly, s.user_daily
         dedup = s.dedup_window_seconds > 0
         for_hour = self._buckets.for_hour
         message_key = self.keys.message
+        wanted = (s.daily, s.hourly, s.user_daily)
         bucket_index: dict[str, int] = {}
         bucket_keys: list[str] = []
-        sums: dict[tuple[int, str], int] = {}
+        bucket_fields: list[dict[str, int]] = []  # summed increments, per bucket
+        hour_slots: dict[int, tuple[Any, ...]] = {}
         msg_keys: list[str] = []
         msg_args: list[str | int] = []
         msg_owner: list[int] = []
         total = 0
 
-        def index(key: str) -> int:
-            number = bucket_index.get(key)
-            if number is None:
-                bucket_keys.append(key)
-                number = bucket_index[key] = len(bucket_keys)
-            return number
+        def slot(hour: int) -> tuple[Any, ...]:
+            # (daily fields, hourly fields, user fields, their bucket numbers); None when switched off
+            found: list[Any] = [None] * 6
+            for position, key in enumerate(for_hour(hour)):
+                if wanted[position]:
+                    number = bucket_index.get(key)
+                    if number is None:
+                        bucket_keys.append(key)
+                        bucket_fields.append({})
+                        number = bucket_index[key] = len(bucket_keys)
+                    found[position], found[position + 3] = bucket_fields[number - 1], number
+            hour_slots[hour] = result = tuple(found)
+            return result
 
         last_ts = None
-        last_keys: tuple[str, str, str] = ("", "", "")
+        last_hour = -1
+        d_fields = h_fields = u_fields = None
+        d_number = h_number = u_number = 0
         for owner, (events, _) in enumerate(batch):
             total += len(events)
             for event in events:
                 ts = event.timestamp
                 if ts is not last_ts:
-                    last_keys = for_hour(hour_number(ts))
                     last_ts = ts
+                    hour = hour_number(ts)
+                    if hour != last_hour:
+                        last_hour = hour
+                        d_fields, h_fields, u_fields, d_number, h_number, u_number = (
+                            hour_slots.get(hour) or slot(hour))
                 name = event.event_type
                 user = event.user_id
                 if dedup and event.message_id is not None:
                     incs: list[str | int] = []
-                    if daily:
-                        incs += (index(last_keys[0]), name)
-                    if hourly:
-                        incs += (index(last_keys[1]), name)
-                    if user_daily and user is not None:
-                        incs += (index(last_keys[2]), f"{name}\x1f{user}")
+                    if d_fields is not None:
+                        incs += (d_number, name)
+                    if h_fields is not None:
+                        incs += (h_number, name)
+                    if u_fields is not None and user is not None:
+                        incs += (u_number, f"{name}\x1f{user}")
                     msg_keys.append(message_key(event.message_id))
                     msg_args.append(len(incs) // 2)
                     msg_args += incs
                     msg_owner.append(owner)
                     continue
-                if daily:
-                    pair = (index(last_keys[0]), name)
-                    sums[pair] = sums.get(pair, 0) + 1
-                if hourly:
-                    pair = (index(last_keys[1]), name)
-                    sums[pair] = sums.get(pair, 0) + 1
-                if user_daily and user is not None:
-                    pair = (index(last_keys[2]), f"{name}\x1f{user}")
-                    sums[pair] = sums.get(pair, 0) + 1
+                if d_fields is not None:
+                    d_fields[name] = d_fields.get(name, 0) + 1
+                if h_fields is not None:
+                    h_fields[name] = h_fields.get(name, 0) + 1
+                if u_fields is not None and user is not None:
+                    field = f"{name}\x1f{user}"
+                    u_fields[field] = u_fields.get(field, 0) + 1
+        sums: list[str | int] = []
+        for number, fields in enumerate(bucket_fields, 1):
+            for field, count in fields.items():
+                sums += (number, field, count)
         keys: list[str] = [self.keys.dirty, PIPELINES_SET, token_key, *done_tokens, *bucket_keys, *msg_keys]
         args: list[str | int] = [s.ttl_seconds, self.pipeline, s.dedup_window_seconds or 1,
-                                 len(done_tokens), len(bucket_keys), len(sums)]
-        for (number, field), count in sums.items():
-            args += (number, field, count)
-        args += msg_args
+                                 len(done_tokens), len(bucket_keys), len(sums) // 3, *sums, *msg_args]
         return _Plan(keys, args, msg_owner, total)
 
     async def _write(self, lane: RespConnection, batch: list[_Pending]) -> None:

@@ -32,6 +32,7 @@ class RespProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -64,7 +65,7 @@ class RespProtocol(asyncio.Protocol):
         """Write one packed command; the future gets its reply (a ReplyError object for error replies)."""
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise RedisConnectionError("not connected to Redis")
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self._loop.create_future()
         self._waiters.append(waiter)
         self.transport.write(packed)
         return waiter
@@ -136,16 +137,21 @@ class RespConnection:
         if protocol is None:
             raise RedisConnectionError("not connected to Redis")
         waiter = protocol.send(hiredis.pack_command(args))
+        # A plain timer, not asyncio.timeout(): this runs once per group commit on the hot path.
+        expiry = asyncio.get_running_loop().call_later(self.timeout, self._expire, waiter)
         try:
-            async with asyncio.timeout(self.timeout):
-                reply = await waiter
-        except TimeoutError:
-            self.abort()
-            raise RedisTimeoutError(f"Redis did not answer within {self.timeout} s") from None
+            reply = await waiter
         except asyncio.CancelledError:
             self.abort()  # a reply we would never read must not be taken for the next command's
             raise
+        finally:
+            expiry.cancel()
         return _raise_reply_error(reply)
+
+    def _expire(self, waiter: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            waiter.set_exception(RedisTimeoutError(f"Redis did not answer within {self.timeout} s"))
+            self.abort()
 
     def abort(self) -> None:
         """Close the socket at once (RST); any reply still due is lost."""
