@@ -97,7 +97,8 @@ class EventValidator:
             return
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json") and media != "text/plain":
-            raise RequestRejected(415, f"Content-Type must be application/json, not {media!r}",
+            raise RequestRejected(415, f"Content-Type must be application/json, not {media!r} "
+                                  "(with curl: -H 'Content-Type: application/json')",
                                   [FieldError(None, "Content-Type", "must be application/json")],
                                   code="unsupported_media_type")
 
