@@ -30,7 +30,7 @@ def is_loopback(host: str) -> bool:
 
 async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = None,
                 stop: asyncio.Event | None = None) -> int:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; returns the exit code (0)."""
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; returns the exit code (0; 1 if it cannot listen)."""
     server = config.server
     if not is_loopback(server.host):
         log.warning("listening on non-loopback address %s: anyone who can reach it can write events; "
@@ -40,7 +40,13 @@ async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = 
                            shutdown_timeout=server.shutdown_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", server.host, server.port, error.strerror or error,
+                  extra={"event": "listen_failed"})
+        await runner.cleanup()
+        return 1
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -76,3 +76,13 @@ async def test_foreign_route_errors_become_503(monkeypatch: pytest.MonkeyPatch, 
     assert answer.status == 503 and answer.headers["Retry-After"] == "1"
     assert answer.body["error"] == "internal_error"
     assert sidecar.metrics.requests_refused.labels("internal_error")._value.get() == 1
+
+
+async def test_port_in_use_is_a_clear_error(sidecar_config, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        assert await serve(sidecar_config(server={"port": port})) == 1
+    finally:
+        blocker.close()
+    assert any(f"cannot listen on 127.0.0.1:{port}" in r.getMessage() for r in caplog.records)
