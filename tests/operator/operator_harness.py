@@ -230,7 +230,7 @@ async def running_operator(cluster: Cluster, *, resync_seconds: float = 60.0, wa
     settings = kopf.OperatorSettings()
     settings.watching.reconnect_backoff = 0.05
     settings.queueing.exit_timeout = 0.5
-    settings.batching.idle_timeout = 0.3  # per-object workers linger this long; kopf waits for them at exit
+    settings.queueing.idle_timeout = 0.3  # per-object workers linger this long; kopf waits for them at exit
     stop, ready = threading.Event(), threading.Event()
 
     def operate() -> None:

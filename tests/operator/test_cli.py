@@ -15,6 +15,9 @@ from operator_harness import Cluster, condition, eventually, free_port
 
 from analytics_pipeline.operator import crd
 
+# kmock 0.8 loads its bundled resource list with a deprecated importlib.resources call.
+pytestmark = pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")
+
 NS = "team-cli"
 SPEC = {"redis": {"secretRef": {"name": "conn"}}, "postgres": {"secretRef": {"name": "conn"}}}
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")

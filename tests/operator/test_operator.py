@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from operator_harness import (
     CONFIGMAPS,
@@ -21,6 +22,9 @@ from operator_harness import (
 from analytics_pipeline.core.config import load_config
 from analytics_pipeline.operator import crd, selftest
 from analytics_pipeline.operator.kube import configmaps_path, cronjobs_path
+
+# kmock 0.8 loads its bundled resource list with a deprecated importlib.resources call.
+pytestmark = pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")
 
 NS = "team-a"
 HANDLED = f"{crd.ANNOTATION_PREFIX}/last-handled-configuration"
