@@ -8,6 +8,8 @@ users per day, distinct users). ``expected_tally`` computes it from the acknowle
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +22,7 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.keys import PipelineKeys, days_between, hours_between
 from analytics_pipeline.core.queries import Queries
+from analytics_pipeline.flusher.staging import Staging
 
 from .demo_traffic import DemoEvent
 
@@ -183,8 +186,22 @@ class StorageSplit:
 
 
 async def storage_split(client: aioredis.Redis, conn: asyncpg.Connection | asyncpg.Pool, pipeline: str,
-                        window: Window) -> StorageSplit:
-    """Read each store on its own (call it while no flush runs, or the two reads may disagree)."""
+                        window: Window, *, wait_s: float = 30.0) -> StorageSplit:
+    """Read each store on its own, holding the pipeline's flush lock so no (lock-respecting) flush runs between."""
+    staging = Staging(client, PipelineKeys(pipeline))
+    deadline = time.monotonic() + wait_s
+    while (token := await staging.acquire_lock(int(wait_s * 1000))) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"another flusher held the lock of {pipeline} for {wait_s:.0f}s")
+        await asyncio.sleep(0.05)
+    try:
+        return await _split(client, conn, pipeline, window)
+    finally:
+        await staging.release_lock(token)
+
+
+async def _split(client: aioredis.Redis, conn: asyncpg.Connection | asyncpg.Pool, pipeline: str,
+                 window: Window) -> StorageSplit:
     keys = PipelineKeys(pipeline)
     stored = await conn.fetchval("SELECT coalesce(sum(count), 0)::bigint FROM analytics_daily WHERE pipeline = $1",
                                  pipeline)

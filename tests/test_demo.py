@@ -7,6 +7,7 @@ trust the demo's own report.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -24,10 +25,11 @@ from support import REPO
 
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
 from analytics_pipeline.core.services import free_port
-from analytics_pipeline.demo_check import Tally, Window, compare, expected_tally
+from analytics_pipeline.demo_check import Tally, Window, compare, expected_tally, storage_split
 from analytics_pipeline.demo_report import box_table
 from analytics_pipeline.demo_stack import DemoError, choose_port, remove_pipeline_data
 from analytics_pipeline.demo_traffic import WINDOW, DemoEvent, build_plan, daily_rhythm
+from analytics_pipeline.flusher.migrate import apply_schema
 
 NOW = datetime(2026, 11, 27, 15, 30, tzinfo=UTC)
 
@@ -232,6 +234,43 @@ def test_segment_and_posthog_bodies_use_their_field_names() -> None:
     assert first["type"] in ("track", "page") and (first["type"] == "page") == ("event" not in first)
     posthog = orjson.loads(next(r for r in plan.requests if r.style == "posthog").body())
     assert {"distinct_id", "uuid", "event"} <= set(posthog["batch"][0])
+
+
+# ------------------------------------------------------------------------------------ the store reads
+async def test_storage_split_waits_for_a_running_flusher_and_cleanup_is_scoped(
+        redis_url: str, database_url: str, pipeline: str, redis_client: aioredis.Redis) -> None:
+    other = f"{pipeline}-other"
+    keys, other_keys = PipelineKeys(pipeline), PipelineKeys(other)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await apply_schema(conn)
+        for name in (pipeline, other):
+            await conn.execute("INSERT INTO analytics_daily (pipeline, event_type, day, count) "
+                               "VALUES ($1, 'page_view', '2026-11-26', 7)", name)
+        await redis_client.hset(keys.daily(NOW), mapping={"page_view": 3, "signup": 2})
+        await redis_client.hset(other_keys.daily(NOW), mapping={"page_view": 100})
+        await redis_client.sadd(PIPELINES_SET, pipeline)
+        window = Window.around(NOW - WINDOW, NOW)
+        # A flusher holds the lock: the split waits for it (no flush can move counts between its two reads).
+        await redis_client.set(keys.lock, "someone-else", px=10_000)
+        split_task = asyncio.create_task(storage_split(redis_client, conn, pipeline, window, wait_s=5))
+        await asyncio.sleep(0.3)
+        assert not split_task.done()
+        await redis_client.delete(keys.lock)
+        split = await asyncio.wait_for(split_task, 5)
+        assert (split.postgresql, split.redis_live, split.total) == (7, 5, 12)
+        assert await redis_client.get(keys.lock) is None  # released after reading
+        # Cleanup removes this pipeline's keys and rows only.
+        removed_keys, removed_rows = await remove_pipeline_data(redis_client, conn, pipeline)
+        assert removed_keys >= 1 and removed_rows == 1
+        assert not await redis_client.exists(keys.daily(NOW)) and not await redis_client.sismember(PIPELINES_SET,
+                                                                                                 pipeline)
+        assert await redis_client.hget(other_keys.daily(NOW), "page_view") == "100"
+        assert await conn.fetchval("SELECT count FROM analytics_daily WHERE pipeline = $1", other) == 7
+    finally:
+        await redis_client.delete(other_keys.daily(NOW))
+        await conn.execute("DELETE FROM analytics_daily WHERE pipeline = ANY($1::text[])", [pipeline, other])
+        await conn.close()
 
 
 # ---------------------------------------------------------------------------------------- small parts
