@@ -35,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.events import Event
-from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
+from analytics_pipeline.core.keys import PIPELINES_SET, USER_FIELD_SEPARATOR, PipelineKeys
 
 from .buckets import BucketKeyCache, hour_number
 from .metrics import SidecarMetrics
@@ -237,6 +237,7 @@ class GroupCommitter:
         for_hour = self._buckets.for_hour
         message_key = self.keys.message
         wanted = (s.daily, s.hourly, s.user_daily)
+        separator = USER_FIELD_SEPARATOR  # fields as keys.user_field() builds them, inlined
         bucket_index: dict[str, int] = {}
         bucket_keys: list[str] = []
         bucket_fields: list[dict[str, int]] = []  # summed increments, per bucket
@@ -284,7 +285,7 @@ class GroupCommitter:
                     if h_fields is not None:
                         incs += (h_number, name)
                     if u_fields is not None and user is not None:
-                        incs += (u_number, f"{name}\x1f{user}")
+                        incs += (u_number, f"{name}{separator}{user}")
                     msg_keys.append(message_key(event.message_id))
                     msg_args.append(len(incs) // 2)
                     msg_args += incs
@@ -295,7 +296,7 @@ class GroupCommitter:
                 if h_fields is not None:
                     h_fields[name] = h_fields.get(name, 0) + 1
                 if u_fields is not None and user is not None:
-                    field = f"{name}\x1f{user}"
+                    field = f"{name}{separator}{user}"
                     u_fields[field] = u_fields.get(field, 0) + 1
         sums: list[str | int] = []
         for number, fields in enumerate(bucket_fields, 1):
