@@ -29,6 +29,14 @@ SIDECAR_SNIPPET_KEY = "sidecar-container.yaml"
 CONFIG_DIR = "/etc/analytics-pipeline"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 SIDECAR_PORT_NAME = "analytics"
+SIDECAR_CONTAINER_NAME = "analytics-sidecar"
+SIDECAR_VOLUME_NAME = "analytics-config"
+
+# Sidecar injection: pods labelled `analyticspipeline.io/inject: <pipeline name>` get the sidecar container of
+# that pipeline (in the pod's namespace) from the operator's mutating admission webhook at the URL path below.
+LABEL_INJECT = "analyticspipeline.io/inject"
+WEBHOOK_PATH = "inject-sidecar"  # also the kopf handler id: kopf routes POST /<id> to that handler
+WEBHOOK_CERT_DIR = "/etc/analytics-pipeline/webhook-tls"  # tls.crt + tls.key (a kubernetes.io/tls Secret)
 
 # Labels on every child (Kubernetes' recommended labels).
 LABEL_NAME = "app.kubernetes.io/name"

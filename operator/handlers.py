@@ -5,17 +5,20 @@
   an event was missed).
 * A ConfigMap or CronJob labelled as ours is added, modified or deleted → reconcile its owner at once
   (repairs hand edits and deletions within about a second; carries the CronJob's last run into the status).
+* With the webhook on (:mod:`.webhook`): a pod labelled ``analyticspipeline.io/inject`` is being created →
+  add its pipeline's sidecar; the resync timer also counts the Running pods carrying it (``status.injectedPods``).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from . import crd
+from . import crd, webhook
 from .kube import KubeApiError
 from .reconcile import OperatorContext, reconcile
 
@@ -45,8 +48,10 @@ def owner_name(body: Mapping[str, Any]) -> str | None:
     return str(label) if label else None
 
 
-def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True) -> kopf.OperatorRegistry:
-    """A registry with the operator's handlers (a fresh one per operator run, so tests can run several)."""
+def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True,
+                   injection: webhook.WebhookOptions | None = None) -> kopf.OperatorRegistry:
+    """A registry with the operator's handlers (a fresh one per operator run, so tests can run several);
+    ``injection`` adds the sidecar injection webhook and the injected-pod count."""
     registry = kopf.OperatorRegistry()
     pipelines = (crd.GROUP, crd.VERSION, crd.PLURAL)
     ours = {crd.LABEL_MANAGED_BY: crd.MANAGED_BY}
@@ -54,8 +59,19 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True)
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure(settings)
-        logger.info("operator starting: default image %s, resync every %ss, child watching %s",
-                    memo.ctx.default_image, resync_seconds, "on" if watch_children else "off")
+        if injection is not None:
+            try:
+                settings.admission.server = injection.server()
+            except (OSError, ssl.SSLError) as error:
+                raise kopf.PermanentError(f"the webhook's certificate {injection.cert_file} / key "
+                                          f"{injection.key_file} cannot be used: {error}") from error
+            # The Helm chart owns the MutatingWebhookConfiguration (objectSelector, CA bundle, failurePolicy):
+            # kopf must not create or rewrite one (that would also need cluster-wide RBAC on webhook configs).
+            settings.admission.managed = None
+        logger.info("operator starting: default image %s, resync every %ss, child watching %s, %s",
+                    memo.ctx.default_image, resync_seconds, "on" if watch_children else "off",
+                    f"sidecar injection webhook on {injection.address}:{injection.port} ({injection.mode} sidecars)"
+                    if injection is not None else "sidecar injection webhook off")
 
     # A registry of our own gets none of kopf's default login handlers: log in as kopf would by default.
     @kopf.on.login(registry=registry)
@@ -64,6 +80,7 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        await memo.ctx.events.drain()
         await memo.ctx.api.close()
         logger.info("operator stopped")
 
@@ -77,13 +94,18 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True)
             raise kopf.TemporaryError(outcome.message, delay=RETRY_DELAY_SECONDS)
 
     @kopf.timer(*pipelines, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
-    async def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    async def resync(namespace: str, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
         try:
             await reconcile(memo.ctx, namespace, name, why="periodic resync")
+            if injection is not None and injection.count_pods:
+                await webhook.update_injected_pods(memo.ctx.api, namespace, name, status)
         except KubeApiError as error:  # the next tick tries again
             if memo.ctx.api.closed:  # kopf may fire a timer while it shuts down
                 return
             logger.warning("%s/%s: resync failed: %s", namespace, name, error)
+
+    if injection is not None:
+        webhook.register(registry, injection)
 
     if watch_children:
         @kopf.on.event("v1", "configmaps", labels=ours, registry=registry)

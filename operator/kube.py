@@ -140,3 +140,13 @@ def pipeline_path(namespace: str, name: str | None = None, status: bool = False)
     if name is None:
         return base
     return f"{base}/{_q(name)}/status" if status else f"{base}/{_q(name)}"
+
+
+def pods_path(namespace: str) -> str:
+    """``/api/v1/namespaces/<ns>/pods`` (listed to count the pods carrying a pipeline's sidecar)."""
+    return f"/api/v1/namespaces/{_q(namespace)}/pods"
+
+
+def events_path(namespace: str) -> str:
+    """``/api/v1/namespaces/<ns>/events`` (core v1 Events, as kopf posts them)."""
+    return f"/api/v1/namespaces/{_q(namespace)}/events"

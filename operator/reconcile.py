@@ -19,6 +19,7 @@ from typing import Any
 import kopf
 
 from . import crd, render
+from .events import EventPoster
 from .kube import KubeApi, KubeApiError, configmaps_path, cronjobs_path, pipeline_path
 
 logger = logging.getLogger("analytics_pipeline.operator")
@@ -29,11 +30,16 @@ CONDITION_TYPES = (READY, CONFIGMAP_READY, CRONJOB_READY)
 
 @dataclass
 class OperatorContext:
-    """What every handler shares (kept in kopf's memo): the API client, the default image, per-object locks."""
+    """What every handler shares (kept in kopf's memo): the API client, the default image, per-object locks,
+    and the poster of Events that kopf cannot post for us (the webhook's)."""
 
     api: KubeApi
     default_image: str
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    events: EventPoster = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = EventPoster(self.api)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """The lock that serialises reconciliations of one pipeline."""

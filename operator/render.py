@@ -419,34 +419,55 @@ def render_configmap(namespace: str, name: str, config: Config, sidecar_snippet:
     }
 
 
-def render_sidecar_container(name: str, spec: Mapping[str, Any], default_image: str) -> dict[str, Any]:
-    """The container to add to an app's pod (published in the ConfigMap; the operator does not inject it)."""
+def sidecar_env(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``REDIS_URL`` from the Redis secret ref, and ``DATABASE_URL`` (for the dashboard and query endpoints)
+    when the pipeline names a PostgreSQL secret: secretKeyRefs, the connection strings are never copied."""
+    env = [_secret_env(crd.ENV_REDIS_URL, _secret_ref(spec, "redis"))]
+    if get(spec, "postgres", "secretRef", "name") is not None:
+        env.append(_secret_env(crd.ENV_DATABASE_URL, _secret_ref(spec, "postgres")))
+    return env
+
+
+def sidecar_volume(name: str, volume_name: str = crd.SIDECAR_VOLUME_NAME) -> dict[str, Any]:
+    """The pod volume the sidecar mounts: pipeline ``name``'s ConfigMap (the whole directory, for live reload)."""
+    return {"name": volume_name, "configMap": {"name": crd.configmap_name(name)}}
+
+
+def render_sidecar_container(name: str, spec: Mapping[str, Any], default_image: str, *,
+                             volume_name: str = crd.SIDECAR_VOLUME_NAME) -> dict[str, Any]:
+    """The sidecar container of pipeline ``name``: published as the ConfigMap's snippet AND injected by the
+    webhook (one function, so both are the same thing). ``volume_name`` is the pod volume of :func:`sidecar_volume`.
+
+    The startup probe (``/healthz``: the process listens) matters for a native sidecar: the kubelet starts the
+    app's containers only once it passes, so the app's first events find the sidecar up.
+    """
     port = _int(spec, "sidecar", "port")
     probe = {"httpGet": {"path": "/readyz", "port": crd.SIDECAR_PORT_NAME}, "periodSeconds": 5}
     return {
-        "name": "analytics-sidecar",
+        "name": crd.SIDECAR_CONTAINER_NAME,
         "image": _image(spec, "sidecar", default_image),
         "imagePullPolicy": _choice(spec, PULL_POLICIES, "sidecar", "imagePullPolicy"),
         "command": ["analytics-pipeline"],
         "args": ["sidecar", "--config", crd.CONFIG_PATH, "--log-format", "json"],
         "ports": [{"name": crd.SIDECAR_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
-        "env": [_secret_env(crd.ENV_REDIS_URL, _secret_ref(spec, "redis")),
-                _secret_env(crd.ENV_DATABASE_URL, _secret_ref(spec, "postgres"))],
+        "env": sidecar_env(spec),
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": crd.SIDECAR_PORT_NAME}, "periodSeconds": 1,
+                         "failureThreshold": 30},
         "readinessProbe": probe,
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": crd.SIDECAR_PORT_NAME}, "periodSeconds": 10},
         "resources": _resources(spec, "sidecar"),
         "securityContext": {**container_security_context(), "runAsUser": 10001, "runAsGroup": 10001},
-        "volumeMounts": [{"name": "analytics-config", "mountPath": crd.CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": volume_name, "mountPath": crd.CONFIG_DIR, "readOnly": True}],
     }
 
 
 def sidecar_snippet(name: str, container: Mapping[str, Any]) -> str:
     """YAML text an app team pastes into its pod spec (container + the volume it mounts)."""
-    volume = {"name": "analytics-config", "configMap": {"name": crd.configmap_name(name)}}
-    return ("# Add this container to your pod's `containers` (or `initContainers` with restartPolicy: Always)\n"
-            "# and this volume to its `volumes`. Mount the directory, not a subPath: the sidecar re-reads\n"
-            "# config.yaml when the operator changes it.\n"
-            + yaml.safe_dump({"containers": [dict(container)], "volumes": [volume]}, sort_keys=False))
+    return ("# Or let the operator add it: label the pod analyticspipeline.io/inject: \"" + name + "\"\n"
+            "# (docs/injection.md). By hand: add this container to your pod's `containers` (or `initContainers`\n"
+            "# with restartPolicy: Always) and this volume to its `volumes`. Mount the directory, not a subPath:\n"
+            "# the sidecar re-reads config.yaml when the operator changes it.\n"
+            + yaml.safe_dump({"containers": [dict(container)], "volumes": [sidecar_volume(name)]}, sort_keys=False))
 
 
 def render_cronjob(namespace: str, name: str, spec: Mapping[str, Any], schedule: str,

@@ -32,6 +32,7 @@ from analytics_pipeline.operator import crd
 from analytics_pipeline.operator.handlers import build_registry
 from analytics_pipeline.operator.kube import KubeApi, pipeline_path
 from analytics_pipeline.operator.reconcile import OperatorContext
+from analytics_pipeline.operator.webhook import WebhookOptions
 
 PIPELINES = f"{crd.GROUP}/{crd.VERSION}/{crd.PLURAL}"
 CONFIGMAPS = "v1/configmaps"
@@ -211,14 +212,15 @@ async def emulated_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> A
 
 @asynccontextmanager
 async def running_operator(cluster: Cluster, *, resync_seconds: float = 60.0, watch_children: bool = True,
-                           liveness: str | None = None) -> AsyncIterator[OperatorContext]:
+                           liveness: str | None = None,
+                           injection: WebhookOptions | None = None) -> AsyncIterator[OperatorContext]:
     """The project's operator (its own registry and handlers) running for real, as in a pod.
 
     It runs in its own thread and event loop, as it would in its own process: kopf treats every task
     of its loop that it did not start as "hung" at exit (the emulator's request tasks would be) and
     waits 5 s for them.
     """
-    registry = build_registry(resync_seconds=resync_seconds, watch_children=watch_children)
+    registry = build_registry(resync_seconds=resync_seconds, watch_children=watch_children, injection=injection)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo | None:  # the kubeconfig only, even inside a pod

@@ -1,0 +1,175 @@
+"""The sidecar injection webhook, wired into kopf: an index of pipelines, the mutating handler, its
+metric and Events, and the ``status.injectedPods`` count.
+
+Which pipeline a pod gets is decided from a kopf **index** of AnalyticsPipelines (kept current by the watch
+the operator already runs on them): answering an admission request then costs no call back into the API
+server, which is waiting on us while it creates the pod, and needs no extra RBAC. Only on an index miss
+(the operator's first moments, before the initial listing fills the index, or a pipeline created
+milliseconds ago) is the pipeline read with one GET. A pipeline must be Ready: its ConfigMap exists, so the
+injected volume can mount and the pod does not hang in ContainerCreating.
+
+The handler never raises: anything unexpected is reported as ``result="error"`` and the pod is admitted
+unchanged (kopf would otherwise *deny* the pod). Skips post one Warning Event per pipeline (or per namespace
+when the pipeline does not exist) and reason per minute, never on dry-run requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import kopf
+from prometheus_client import Counter
+
+from . import crd, inject
+from .certs import ReloadingWebhookServer
+from .kube import KubeApi, KubeApiError, pipeline_path, pods_path
+
+logger = logging.getLogger("analytics_pipeline.operator")
+
+INDEX = "analytics_pipelines"  # the kopf index's name = the kwarg handlers receive it as
+EVENT_REASON = "InjectionSkipped"
+
+INJECTIONS = Counter("analytics_pipeline_injections_total",
+                     "Pods seen by the sidecar injection webhook, by what happened to them", ["result"])
+for _result in inject.Result:  # every series exists from the start (at 0), so rate() and alerts work at once
+    INJECTIONS.labels(result=_result.value)
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    """How the webhook is served and what it injects (from ``analytics-pipeline operator --webhook-*``)."""
+
+    port: int
+    cert_file: Path
+    key_file: Path
+    address: str = "0.0.0.0"
+    mode: str = inject.NATIVE
+    reload_seconds: float = 10.0
+    event_interval: float = 60.0
+    count_pods: bool = True
+
+    @classmethod
+    def from_cert_dir(cls, cert_dir: Path | str, port: int, **kwargs: Any) -> WebhookOptions:
+        """Options for a ``kubernetes.io/tls`` Secret mounted at ``cert_dir`` (``tls.crt``, ``tls.key``)."""
+        return cls(port=port, cert_file=Path(cert_dir) / "tls.crt", key_file=Path(cert_dir) / "tls.key", **kwargs)
+
+    def server(self) -> ReloadingWebhookServer:
+        """kopf's HTTPS admission server on these files (raises at start-up if they are unusable)."""
+        return ReloadingWebhookServer(addr=self.address, port=self.port, certfile=self.cert_file,
+                                      keyfile=self.key_file, reload_seconds=self.reload_seconds)
+
+
+def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the index keeps of a pipeline: enough to decide, render the sidecar and post an Event on it."""
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion", crd.API_VERSION),
+        "kind": body.get("kind", crd.KIND),
+        "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "generation", "deletionTimestamp")
+                     if key in meta},
+        "spec": dict(body.get("spec") or {}),
+        "status": {"conditions": list((body.get("status") or {}).get("conditions") or [])},
+    }
+
+
+class EventThrottle:
+    """At most one Event per key (namespace, pipeline, result) every ``interval`` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[tuple[str, str, str], float] = {}
+
+    def allow(self, key: tuple[str, str, str]) -> bool:
+        """True if an Event for ``key`` may be posted now (and remember that it was)."""
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval - 1.0) < self.interval:
+            return False
+        self._last[key] = now
+        return True
+
+
+async def find_pipeline(index: Mapping[Any, Any] | None, api: KubeApi, namespace: str,
+                        name: str) -> dict[str, Any] | None:
+    """The pipeline from the index, else from the API server (None if it does not exist)."""
+    store = index.get((namespace, name)) if index is not None else None
+    for value in store or ():
+        return dict(value)
+    if not name or len(name) > 253:
+        return None
+    body = await api.get(pipeline_path(namespace, name))
+    return snapshot(body) if body is not None else None
+
+
+def register(registry: kopf.OperatorRegistry, options: WebhookOptions) -> None:
+    """Add the pipeline index and the mutating handler to ``registry`` (kopf serves it at ``/inject-sidecar``)."""
+    pipelines = (crd.GROUP, crd.VERSION, crd.PLURAL)
+    throttle = EventThrottle(options.event_interval)
+
+    @kopf.index(*pipelines, id=INDEX, registry=registry)
+    def analytics_pipelines(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): snapshot(body)}
+
+    # Only pods carrying the label reach the webhook (the MutatingWebhookConfiguration's objectSelector);
+    # the label filter here keeps a hand-made configuration without one from touching other pods.
+    @kopf.on.mutate("", "v1", "pods", id=crd.WEBHOOK_PATH, operations=["CREATE"],
+                    labels={crd.LABEL_INJECT: kopf.PRESENT}, registry=registry)
+    async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, dryrun: bool, memo: kopf.Memo,
+                             **kwargs: Any) -> None:
+        pod = dict(body)
+        namespace = str((pod.get("metadata") or {}).get("namespace") or "")
+        name = inject.pod_label(pod) or ""
+        pipeline: dict[str, Any] | None = None
+        try:
+            if not inject.carries_sidecar(pod.get("spec") or {}):
+                pipeline = await find_pipeline(kwargs.get(INDEX), memo.ctx.api, namespace, name)
+            decided = inject.plan(pod, pipeline, default_image=memo.ctx.default_image, mode=options.mode)
+        except Exception as error:  # never deny a pod because of us: admit it unchanged and say why
+            if not isinstance(error, KubeApiError):
+                logger.exception("sidecar injection failed")
+            what = f"API server: {error}" if isinstance(error, KubeApiError) else f"{type(error).__name__}: {error}"
+            who = f"pod {namespace}/{inject.pod_display_name(pod)}"
+            decided = inject.Plan(inject.Result.ERROR,
+                                  f"{who} was not injected: looking up AnalyticsPipeline {name!r} failed ({what})")
+        for field, value in decided.changes.items():
+            patch.spec[field] = value  # kopf turns this into JSONPatch "add" operations (appends only)
+        try:
+            report(decided, namespace, name, pipeline, dryrun, memo)
+        except Exception:  # reporting must not deny the pod either
+            logger.exception("could not report the injection result %s", decided.result.value)
+
+    def report(decided: inject.Plan, namespace: str, name: str, pipeline: Mapping[str, Any] | None,
+               dryrun: bool, memo: kopf.Memo) -> None:
+        INJECTIONS.labels(result=decided.result.value).inc()
+        suffix = " (dry run)" if dryrun else ""
+        if decided.result in (inject.Result.INJECTED, inject.Result.ALREADY_INJECTED):
+            logger.info("%s%s", decided.message, suffix)
+            return
+        logger.warning("%s%s", decided.message, suffix)
+        if dryrun or not throttle.allow((namespace, name, decided.result.value)):
+            return  # a dry run has no side effects (sideEffects: NoneOnDryRun)
+        regarding = pipeline if pipeline is not None and (pipeline.get("metadata") or {}).get("uid") else {
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "namespace": namespace}}
+        memo.ctx.events.post(regarding, EVENT_REASON, decided.message)
+
+
+def pods_selector(name: str) -> str:
+    """The label selector of the pods that asked for pipeline ``name``'s sidecar."""
+    return quote(f"{crd.LABEL_INJECT}={name}", safe="")
+
+
+async def update_injected_pods(api: KubeApi, namespace: str, name: str, status: Mapping[str, Any]) -> int:
+    """Count the Running pods carrying pipeline ``name``'s sidecar and write ``status.injectedPods`` if it changed.
+
+    One LIST of the namespace's pods, filtered by the label on the server (and again here), per resync tick.
+    """
+    listed = await api.get(f"{pods_path(namespace)}?labelSelector={pods_selector(name)}")
+    count = inject.running_with_sidecar(list((listed or {}).get("items") or []), name)
+    if status.get("injectedPods") != count:
+        await api.patch(pipeline_path(namespace, name, status=True), {"status": {"injectedPods": count}})
+    return count
