@@ -23,7 +23,8 @@ from aiohttp import web
 from .appkeys import CONFIG
 from .dashboard_model import DashboardData
 from .dashboard_render import CONTENT_SECURITY_POLICY, RenderOptions, Theme, render_dashboard, render_error
-from .dashboard_source import DashboardUnavailable, install, read_dashboard_data
+from .dashboard_source import DashboardUnavailable, read_dashboard_data
+from .database import install_database
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def setup_dashboard(app: web.Application, provider: DashboardProvider | None = N
                     reuse_seconds: float | None = None) -> None:
     """Register ``GET /`` (the dashboard) on ``app``; ``provider`` replaces the real query path."""
     if provider is None:
-        install(app)
+        install_database(app)
         provider = load_dashboard_data
     app[DASHBOARD_LOADER] = SharedLoader(provider, REUSE_SECONDS if reuse_seconds is None else reuse_seconds)
     app.router.add_get("/", handle_dashboard, name="dashboard")

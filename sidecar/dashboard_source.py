@@ -2,13 +2,11 @@
 
 ``read_dashboard_data(app)`` asks ``Queries.dashboard_snapshot`` (PostgreSQL totals + live and staged
 Redis buckets, exact at any instant) and turns it into the renderer's ``DashboardData``. The
-PostgreSQL pool is the dashboard's own small lazy pool, opened on first use and closed with the app.
+PostgreSQL pool is the sidecar's shared lazy pool (``sidecar/database.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from datetime import UTC, datetime
 
 import asyncpg
@@ -16,51 +14,14 @@ from aiohttp import web
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.queries import ConsistencyError, DashboardSnapshot, Queries
-from analytics_pipeline.flusher.db import create_pool
 
 from .appkeys import CONFIG, REDIS
 from .dashboard_model import DAYS, HOURS, DashboardData
+from .database import DATABASE
 
 
 class DashboardUnavailable(Exception):
     """The numbers cannot be read right now; the page answers 503 with this message."""
-
-
-class DatabaseHolder:
-    """The dashboard's PostgreSQL pool: created on first use, re-created if the database URL changes."""
-
-    def __init__(self) -> None:
-        self._pool: asyncpg.Pool | None = None
-        self._url: str | None = None
-        self._lock = asyncio.Lock()
-
-    async def pool(self, config: Config) -> asyncpg.Pool:
-        async with self._lock:
-            if self._pool is None or self._url != config.database_url:
-                await self.close()
-                self._pool = await create_pool(config, "analytics-pipeline-dashboard", max_size=2)
-                self._url = config.database_url
-            return self._pool
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pool.close(), 5)
-
-
-DASHBOARD_DB = web.AppKey("dashboard_db", DatabaseHolder)
-
-
-def install(app: web.Application) -> None:
-    """Give ``app`` the dashboard's lazy PostgreSQL pool (closed on app cleanup)."""
-    holder = DatabaseHolder()
-    app[DASHBOARD_DB] = holder
-
-    async def close(app: web.Application) -> None:
-        await holder.close()
-
-    app.on_cleanup.append(close)
 
 
 def from_snapshot(pipeline: str, snapshot: DashboardSnapshot, config: Config | None = None) -> DashboardData:
@@ -81,7 +42,7 @@ def from_snapshot(pipeline: str, snapshot: DashboardSnapshot, config: Config | N
 async def read_dashboard_data(app: web.Application, now: datetime | None = None) -> DashboardData:
     """One consistent snapshot of the app's pipeline: 48 hourly and 30 daily buckets, daily uniques."""
     config = app[CONFIG]
-    pool = await app[DASHBOARD_DB].pool(config)
+    pool = await app[DATABASE].pool(config)
     queries = Queries.for_config(app[REDIS], pool, config)
     try:
         snapshot = await queries.dashboard_snapshot(now or datetime.now(UTC), hours=HOURS, days=DAYS)

@@ -2,14 +2,12 @@
 
 Every answer comes from :mod:`analytics_pipeline.core.queries` (PostgreSQL totals + unflushed Redis
 buckets, exact at any instant). Bad parameters get 400 naming the parameter; a database or Redis
-that cannot answer gets 503 with ``Retry-After``. Ingest never depends on PostgreSQL, so the pool is
-opened lazily on the first query and a missing database only affects these endpoints.
+that cannot answer gets 503 with ``Retry-After``. Ingest never depends on PostgreSQL: the shared pool
+(``sidecar/database.py``) opens on the first query and a missing database only affects reads.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from typing import Any
@@ -19,40 +17,13 @@ import orjson
 import redis.exceptions
 from aiohttp import web
 
-from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError, parse_moment, resolve_range
-from analytics_pipeline.flusher.db import create_pool
 from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, describe
 
 from .appkeys import CONFIG, REDIS
+from .database import DATABASE, install_database
 
 RETRY_AFTER_S = 5
-
-
-class QueryDatabase:
-    """The query endpoints' own PostgreSQL pool: opened on first use, re-opened if the URL changes."""
-
-    def __init__(self) -> None:
-        self._pool: asyncpg.Pool | None = None
-        self._url: str | None = None
-        self._lock = asyncio.Lock()
-
-    async def pool(self, config: Config) -> asyncpg.Pool:
-        async with self._lock:
-            if self._pool is None or self._url != config.database_url:
-                await self.close()
-                self._pool = await create_pool(config, "analytics-pipeline-queries", max_size=4)
-                self._url = config.database_url
-            return self._pool
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pool.close(), 5)
-
-
-QUERY_DB = web.AppKey("query_db", QueryDatabase)
 
 
 def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -90,7 +61,7 @@ def _iso(value: date | datetime) -> str:
 async def _answer(request: web.Request, work: Callable[[Queries], Awaitable[dict[str, Any]]]) -> web.Response:
     config = request.app[CONFIG]
     try:
-        pool = await request.app[QUERY_DB].pool(config)
+        pool = await request.app[DATABASE].pool(config)
         return _json(await work(Queries.for_config(request.app[REDIS], pool, config)))
     except QueryInputError as error:
         return _bad(error.parameter, error.message)
@@ -160,13 +131,7 @@ def setup_query_routes(app: web.Application) -> None:
 
     ``app`` must carry ``REDIS`` and ``CONFIG`` (see ``sidecar/appkeys.py``).
     """
-    holder = QueryDatabase()
-    app[QUERY_DB] = holder
-
-    async def close(app: web.Application) -> None:
-        await holder.close()
-
-    app.on_cleanup.append(close)
+    install_database(app)
     app.router.add_get("/v1/counts", counts)
     app.router.add_get("/v1/uniques", uniques)
     app.router.add_get("/v1/events", events)
