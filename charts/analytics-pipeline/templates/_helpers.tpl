@@ -72,3 +72,25 @@ fsGroup: 10001
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* Sidecar injection webhook: the Secret with its serving certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "ap.webhookSecretName" -}}
+{{- printf "%s-webhook-tls" (include "ap.fullname" .) -}}
+{{- end -}}
+
+{{/* The DNS names the API server reaches the webhook by (the operator's Service). */}}
+{{- define "ap.webhookDNSNames" -}}
+{{- $service := printf "%s-operator" (include "ap.fullname" .) -}}
+{{- $ns := .Release.Namespace -}}
+{{- list $service (printf "%s.%s" $service $ns) (printf "%s.%s.svc" $service $ns) (printf "%s.%s.svc.cluster.local" $service $ns) | toJson -}}
+{{- end -}}
+
+{{/* native (an init container with restartPolicy: Always, Kubernetes >= 1.29) or container; "auto" picks by
+     the cluster's version (`helm template` without --kube-version assumes Helm's built-in one). */}}
+{{- define "ap.sidecarMode" -}}
+{{- if eq .Values.webhook.sidecarMode "auto" -}}
+{{- if semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version -}}native{{- else -}}container{{- end -}}
+{{- else -}}
+{{- .Values.webhook.sidecarMode -}}
+{{- end -}}
+{{- end -}}
