@@ -97,12 +97,19 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True,
     async def resync(namespace: str, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
         try:
             await reconcile(memo.ctx, namespace, name, why="periodic resync")
-            if injection is not None and injection.count_pods:
-                await webhook.update_injected_pods(memo.ctx.api, namespace, name, status)
         except KubeApiError as error:  # the next tick tries again
             if memo.ctx.api.closed:  # kopf may fire a timer while it shuts down
                 return
             logger.warning("%s/%s: resync failed: %s", namespace, name, error)
+        if injection is not None and injection.count_pods:
+            try:
+                await webhook.update_injected_pods(memo.ctx.api, namespace, name, status)
+            except KubeApiError as error:
+                if memo.ctx.api.closed:
+                    return
+                logger.warning("%s/%s: could not count the pods carrying its sidecar (status.injectedPods): %s; "
+                               "the operator needs 'list' on pods, or run it with --no-count-injected-pods",
+                               namespace, name, error)
 
     if injection is not None:
         webhook.register(registry, injection)

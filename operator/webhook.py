@@ -3,9 +3,9 @@ metric and Events, and the ``status.injectedPods`` count.
 
 Which pipeline a pod gets is decided from a kopf **index** of AnalyticsPipelines (kept current by the watch
 the operator already runs on them): answering an admission request then costs no call back into the API
-server, which is waiting on us while it creates the pod, and needs no extra RBAC. Only on an index miss
-(the operator's first moments, before the initial listing fills the index, or a pipeline created
-milliseconds ago) is the pipeline read with one GET. A pipeline must be Ready: its ConfigMap exists, so the
+server, which is waiting on us while it creates the pod, and needs no extra RBAC. Only when the index has no Ready
+entry (the operator's first moments, before the initial listing fills the index, or a pipeline created or
+made Ready milliseconds ago) is the pipeline read with one GET. A pipeline must be Ready: its ConfigMap exists, so the
 injected volume can mount and the pod does not hang in ContainerCreating.
 
 The handler never raises: anything unexpected is reported as ``result="error"`` and the pod is admitted
@@ -15,6 +15,7 @@ when the pipeline does not exist) and reason per minute, never on dry-run reques
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from .kube import KubeApi, KubeApiError, pipeline_path, pods_path
 logger = logging.getLogger("analytics_pipeline.operator")
 
 INDEX = "analytics_pipelines"  # the kopf index's name = the kwarg handlers receive it as
+LOOKUP_TIMEOUT_SECONDS = 2.0  # an index miss reads the pipeline from the API server, at most this long
 EVENT_REASON = "InjectionSkipped"
 
 INJECTIONS = Counter("analytics_pipeline_injections_total",
@@ -96,10 +98,15 @@ class EventThrottle:
 
 async def find_pipeline(index: Mapping[Any, Any] | None, api: KubeApi, namespace: str,
                         name: str) -> dict[str, Any] | None:
-    """The pipeline from the index, else from the API server (None if it does not exist)."""
+    """The pipeline from the index if it is Ready there, else from the API server (None if it does not exist).
+
+    A miss or a not-Ready entry is read fresh: the index trails the watch by a moment, and a pod created right
+    after its pipeline became Ready should not be skipped for that.
+    """
     store = index.get((namespace, name)) if index is not None else None
     for value in store or ():
-        return dict(value)
+        if inject.pipeline_ready(value)[0]:
+            return dict(value)
     if not name or len(name) > 253:
         return None
     body = await api.get(pipeline_path(namespace, name))
@@ -127,12 +134,15 @@ def register(registry: kopf.OperatorRegistry, options: WebhookOptions) -> None:
         pipeline: dict[str, Any] | None = None
         try:
             if not inject.carries_sidecar(pod.get("spec") or {}):
-                pipeline = await find_pipeline(kwargs.get(INDEX), memo.ctx.api, namespace, name)
+                async with asyncio.timeout(LOOKUP_TIMEOUT_SECONDS):  # well within the webhook's timeoutSeconds
+                    pipeline = await find_pipeline(kwargs.get(INDEX), memo.ctx.api, namespace, name)
             decided = inject.plan(pod, pipeline, default_image=memo.ctx.default_image, mode=options.mode)
         except Exception as error:  # never deny a pod because of us: admit it unchanged and say why
-            if not isinstance(error, KubeApiError):
+            if not isinstance(error, KubeApiError | TimeoutError):
                 logger.exception("sidecar injection failed")
-            what = f"API server: {error}" if isinstance(error, KubeApiError) else f"{type(error).__name__}: {error}"
+            what = (f"API server: {error}" if isinstance(error, KubeApiError)
+                    else f"no answer from the API server within {LOOKUP_TIMEOUT_SECONDS:g} s"
+                    if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}")
             who = f"pod {namespace}/{inject.pod_display_name(pod)}"
             decided = inject.Plan(inject.Result.ERROR,
                                   f"{who} was not injected: looking up AnalyticsPipeline {name!r} failed ({what})")

@@ -122,3 +122,19 @@ def test_snapshot_event_body_and_throttle() -> None:
     throttle = EventThrottle(60)
     assert throttle.allow(("shop", "web", "x")) and not throttle.allow(("shop", "web", "x"))
     assert throttle.allow(("shop", "web", "y"))
+
+
+async def test_find_pipeline_reads_a_not_ready_entry_fresh() -> None:
+    """The index trails the watch: an entry that is not Ready there is checked against the API server."""
+    class Api:
+        paths: list[str] = []
+
+        async def get(self, path: str) -> dict[str, Any]:
+            self.paths.append(path)
+            return pipeline()
+
+    api = Api()
+    stale = snapshot(pipeline(status={}))
+    found = await find_pipeline({("shop", "web"): [stale]}, api, "shop", "web")  # type: ignore[arg-type]
+    assert found is not None and inject.pipeline_ready(found) == (True, "")
+    assert api.paths == [f"/apis/{crd.GROUP}/{crd.VERSION}/namespaces/shop/{crd.PLURAL}/web"]
