@@ -57,11 +57,12 @@ return result
 """
 
 # After the unit's PostgreSQL commit (or a ledger hit): delete its staging keys, its set, its in-flight entry.
+# UNLINK frees big staged hashes in Redis's background thread: DEL of 1M counters blocked Redis ~0.2 s.
 CLEANUP_LUA = """
 local unitset, inflight, unit = KEYS[1], KEYS[2], ARGV[1]
 local members = redis.call('SMEMBERS', unitset)
 for i = 1, #members, 1000 do
-  redis.call('DEL', unpack(members, i, math.min(i + 999, #members)))
+  redis.call('UNLINK', unpack(members, i, math.min(i + 999, #members)))
 end
 redis.call('DEL', unitset)
 redis.call('ZREM', inflight, unit)
@@ -190,7 +191,8 @@ class Staging:
             hashes = await pipe.execute()
         buckets = []
         for key, values in zip(staged_keys, hashes, strict=True):
-            counts = {_text(f): int(v) for f, v in values.items()}
+            # every counter of the unit passes here: no helper call per field
+            counts = {(f.decode() if type(f) is bytes else f): int(v) for f, v in values.items()}
             buckets.append(StagedBucket(self.keys.unstage(unit_id, key), counts))
         return buckets
 

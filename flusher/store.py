@@ -17,7 +17,7 @@ from datetime import date, datetime
 
 import asyncpg
 
-from analytics_pipeline.core.keys import split_user_field
+from analytics_pipeline.core.keys import USER_FIELD_SEPARATOR
 
 from .staging import StagedBucket, batch_of, run_id_of
 
@@ -32,25 +32,32 @@ CREATE TEMP TABLE IF NOT EXISTS ap_flush_user_daily (user_id text, event_type te
     ON COMMIT DELETE ROWS;
 """
 
-# ORDER BY keeps concurrent flushers locking rows in the same order (no deadlocks between them).
-_UPSERTS = (
-    ("ap_flush_daily", """
-INSERT INTO analytics_daily AS t (pipeline, event_type, day, count)
-SELECT $1, event_type, day, sum(count) FROM ap_flush_daily GROUP BY event_type, day ORDER BY event_type, day
-ON CONFLICT (pipeline, event_type, day) DO UPDATE SET count = t.count + EXCLUDED.count, updated_at = now()
-"""),
-    ("ap_flush_hourly", """
-INSERT INTO analytics_hourly AS t (pipeline, event_type, hour, count)
-SELECT $1, event_type, hour, sum(count) FROM ap_flush_hourly GROUP BY event_type, hour ORDER BY event_type, hour
-ON CONFLICT (pipeline, event_type, hour) DO UPDATE SET count = t.count + EXCLUDED.count, updated_at = now()
-"""),
-    ("ap_flush_user_daily", """
-INSERT INTO analytics_user_daily AS t (pipeline, user_id, event_type, day, count)
-SELECT $1, user_id, event_type, day, sum(count) FROM ap_flush_user_daily
-GROUP BY user_id, event_type, day ORDER BY user_id, event_type, day
-ON CONFLICT (pipeline, user_id, event_type, day) DO UPDATE SET count = t.count + EXCLUDED.count, updated_at = now()
-"""),
+# One upsert per table. ORDER BY keeps concurrent flushers locking rows in the same order (no deadlocks
+# between them) and makes the index inserts sequential (twice as fast as random order at 1M rows).
+# Rows of one unit are unique by construction (one staged hash per kind x bucket, unique fields), so
+# the fast statement does not aggregate; should a unit ever hold the same row twice, PostgreSQL refuses
+# it (CardinalityViolation) and the summing statement runs instead (see _upsert_rows).
+_UPSERT = """
+INSERT INTO {target} AS t (pipeline, {columns})
+SELECT $1, {select} FROM {temp} {group} ORDER BY {key}
+ON CONFLICT (pipeline, {key}) DO UPDATE SET count = t.count + EXCLUDED.count, updated_at = now()
+"""
+_TABLES = (
+    ("ap_flush_daily", "analytics_daily", "event_type, day"),
+    ("ap_flush_hourly", "analytics_hourly", "event_type, hour"),
+    ("ap_flush_user_daily", "analytics_user_daily", "user_id, event_type, day"),
 )
+
+
+def _upsert(temp: str, target: str, key: str, *, summed: bool) -> str:
+    return _UPSERT.format(target=target, temp=temp, key=key, columns=f"{key}, count",
+                          select=f"{key}, sum(count)" if summed else f"{key}, count",
+                          group=f"GROUP BY {key}" if summed else "")
+
+
+# (temp table, fast upsert, summing upsert)
+_UPSERTS = tuple((temp, _upsert(temp, target, key, summed=False), _upsert(temp, target, key, summed=True))
+                 for temp, target, key in _TABLES)
 
 _COLUMNS = {
     "ap_flush_daily": ["event_type", "day", "count"],
@@ -72,21 +79,26 @@ class ApplyResult:
 
 def rows_of(buckets: list[StagedBucket]) -> dict[str, list[tuple[object, ...]]]:
     """Temp-table records per temp table for a unit's staged buckets (zero counts dropped)."""
-    records: dict[str, list[tuple[object, ...]]] = {name: [] for name in _COLUMNS}
+    daily: list[tuple[object, ...]] = []
+    hourly: list[tuple[object, ...]] = []
+    user_daily: list[tuple[object, ...]] = []
+    separator = USER_FIELD_SEPARATOR  # split_user_field(), inlined: this loop sees every counter
     for staged in buckets:
+        kind = staged.ref.kind
         start: datetime = staged.ref.start
-        day: date = start.date()
-        for field, count in staged.counts.items():
-            if count == 0:
-                continue
-            if staged.ref.kind == "d":
-                records["ap_flush_daily"].append((field, day, count))
-            elif staged.ref.kind == "h":
-                records["ap_flush_hourly"].append((field, start, count))
-            else:
-                event_type, user_id = split_user_field(field)
-                records["ap_flush_user_daily"].append((user_id, event_type, day, count))
-    return records
+        counts = staged.counts
+        if kind == "d":
+            day: date = start.date()
+            daily += [(field, day, count) for field, count in counts.items() if count]
+        elif kind == "h":
+            hourly += [(field, start, count) for field, count in counts.items() if count]
+        else:
+            day = start.date()
+            for field, count in counts.items():
+                if count:
+                    event_type, _, user_id = field.partition(separator)
+                    user_daily.append((user_id, event_type, day, count))
+    return {"ap_flush_daily": daily, "ap_flush_hourly": hourly, "ap_flush_user_daily": user_daily}
 
 
 async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buckets: list[StagedBucket],
@@ -108,10 +120,10 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buck
                 if not inserted:
                     return ApplyResult(False, len(buckets), 0)
                 await conn.execute(_TEMP_TABLES)
-                for table, upsert in _UPSERTS:
+                for table, upsert, summing_upsert in _UPSERTS:
                     if records[table]:
                         await conn.copy_records_to_table(table, records=records[table], columns=_COLUMNS[table])
-                        await conn.execute(upsert, pipeline)
+                        await _upsert_rows(conn, upsert, summing_upsert, pipeline)
                 if in_transaction is not None:
                     await in_transaction()
             return ApplyResult(True, len(buckets), total_rows)
@@ -121,6 +133,16 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buck
             log.warning("unit %s: %s; retrying (%d/%d)", unit_id, type(error).__name__, attempt, attempts)
             await asyncio.sleep(0.05 * attempt)
     raise AssertionError("unreachable")
+
+
+async def _upsert_rows(conn: asyncpg.Connection, upsert: str, summing_upsert: str, pipeline: str) -> None:
+    """The fast upsert in a savepoint; the summing one if the unit held the same row twice."""
+    try:
+        async with conn.transaction():
+            await conn.execute(upsert, pipeline)
+    except asyncpg.exceptions.CardinalityViolationError:
+        log.warning("a flush unit held the same row twice; summing its rows instead")
+        await conn.execute(summing_upsert, pipeline)
 
 
 async def apply_retention(conn: asyncpg.Connection, pipeline: str, retention_days: int,
