@@ -524,6 +524,10 @@ class Queries:
                     await self.after_snapshot(attempt)
                 async with self._connection() as conn, conn.transaction(isolation="repeatable_read",
                                                                         readonly=True):
+                    # asyncpg prepares these statements once per connection, and PostgreSQL switches a
+                    # prepared statement to a generic plan after 5 runs: with "$4 IS NULL OR event_type
+                    # = $4" and unknown ranges that plan made uniques 4-8x slower (benchmarks/query.py).
+                    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
                     committed: set[str] = set()
                     if units:
                         rows = await conn.fetch(
