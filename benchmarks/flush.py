@@ -1,0 +1,317 @@
+"""Flush benchmark: one flush run of 10k, 100k and 1M distinct counters from Redis into PostgreSQL.
+
+    .venv/bin/python benchmarks/flush.py                    # 10k, 100k, 1M; 3 repetitions each (~3 min)
+    .venv/bin/python benchmarks/flush.py --quick            # 10k and 100k, once (~20 s)
+    .venv/bin/python benchmarks/flush.py --database-url postgresql://postgres@127.0.0.1:5432/test
+
+Redis is a throwaway ``RedisServer``; PostgreSQL a throwaway ``PostgresServer`` (fsync off, like the
+test harness) unless ``--database-url`` names one (the benchmark's rows are deleted afterwards).
+Each repetition fills a fresh pipeline with exactly what the sidecar writes (bucket hashes with
+their TTL, the dirty ZSET scored in ms, ``ap:pipelines``), pipelined HSETs of 1,000 fields: 20 event
+types over the last 7 days, daily (140 counters) and hourly (3,360) buckets, the rest per-user
+daily fields (event type + user id) spread over the 7 days. Then one flush runs in this process
+through ``flusher.run.PipelineFlush`` (the code the ``flush`` command runs) with the default batch
+size, and its step hook times each phase: wall time, this process's CPU and Redis's CPU per phase,
+so the split between Redis, PostgreSQL and Python is visible. Afterwards the PostgreSQL totals are
+checked against what was written and Redis must hold nothing of the pipeline but its bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import benchlib
+import redis.asyncio as aioredis
+
+from analytics_pipeline.core.config import Config, parse_config
+from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys, user_field
+from analytics_pipeline.core.services import PostgresServer, RedisServer
+from analytics_pipeline.flusher.db import connect
+from analytics_pipeline.flusher.migrate import apply_schema
+from analytics_pipeline.flusher.run import PipelineFlush
+
+EVENT_TYPES = [f"event_{n:02d}" for n in range(20)]
+DAYS = 7
+FIELDS_PER_HSET = 1000
+# Phases between two step-hook calls: the step the interval ends at names what ran in it.
+PHASE_OF_STEP = {"after_lock": "lock", "after_recover": "recover", "after_claim": "claim (Redis)",
+                 "after_read": "read (Redis)", "in_transaction": "apply (PostgreSQL)",
+                 "after_commit": "commit (PostgreSQL)", "after_cleanup": "cleanup (Redis)",
+                 "after_retention": "retention (PostgreSQL)", "end": "backlog report (Redis)"}
+
+
+@dataclass
+class Filled:
+    """What a fill wrote: counters and count totals per table, and the seconds it took."""
+
+    counters: int
+    daily: int = 0
+    hourly: int = 0
+    user_daily: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Phase:
+    wall: float = 0.0
+    cpu: float = 0.0
+    redis_cpu: float = 0.0
+
+
+@dataclass
+class FlushRun:
+    size: int
+    rep: int
+    rows: int
+    buckets: int
+    units: int
+    seconds: float
+    fill_seconds: float
+    peak_rss_mb: float
+    phases: dict[str, Phase]
+    verified: bool
+    problems: list[str]
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+async def fill(client: aioredis.Redis, keys: PipelineKeys, counters: int, ttl: int) -> Filled:
+    """Write ``counters`` distinct counters like the sidecar does; returns the expected totals."""
+    started = time.monotonic()
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    days = [today - timedelta(days=n) for n in range(DAYS)]
+    hashes: dict[str, dict[str, int]] = {}
+    result = Filled(counters)
+    made = 0
+    for day in days:
+        daily = hashes.setdefault(keys.daily(day), {})
+        for i, name in enumerate(EVENT_TYPES):
+            daily[name] = 1 + i % 5
+            result.daily += daily[name]
+            made += 1
+        for hour in range(24):
+            hourly = hashes.setdefault(keys.hourly(day + timedelta(hours=hour)), {})
+            for i, name in enumerate(EVENT_TYPES):
+                hourly[name] = 1 + (i + hour) % 5
+                result.hourly += hourly[name]
+                made += 1
+    if made > counters:
+        raise SystemExit(f"at least {made} counters are needed for the daily and hourly buckets")
+    remaining = counters - made
+    result.rows = {"analytics_daily": DAYS * len(EVENT_TYPES), "analytics_hourly": DAYS * 24 * len(EVENT_TYPES),
+                   "analytics_user_daily": remaining}
+    for index, day in enumerate(days):
+        share = remaining // DAYS + (1 if index < remaining % DAYS else 0)
+        bucket = hashes.setdefault(keys.user_daily(day), {})
+        for i in range(share):
+            count = 1 + i % 3
+            bucket[user_field(EVENT_TYPES[i % len(EVENT_TYPES)], f"user-{i // len(EVENT_TYPES):07d}")] = count
+            result.user_daily += count
+    now_ms = int(time.time() * 1000)
+    async with client.pipeline(transaction=False) as pipe:
+        queued = 0
+        for key, fields in hashes.items():
+            items = list(fields.items())
+            for start in range(0, len(items), FIELDS_PER_HSET):
+                pipe.hset(key, mapping=dict(items[start:start + FIELDS_PER_HSET]))
+                queued += 1
+            pipe.expire(key, ttl)
+            pipe.zadd(keys.dirty, {key: now_ms}, nx=True)
+            queued += 2
+            if queued >= 200:
+                await pipe.execute()
+                queued = 0
+        pipe.sadd(PIPELINES_SET, keys.pipeline)
+        await pipe.execute()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def verify(conn: asyncpg.Connection, client: aioredis.Redis, keys: PipelineKeys, filled: Filled) -> list[str]:
+    """Problems found: PostgreSQL rows and totals must equal what was filled; Redis must be drained."""
+    problems = []
+    for table, expected in (("analytics_daily", filled.daily), ("analytics_hourly", filled.hourly),
+                            ("analytics_user_daily", filled.user_daily)):
+        row = await conn.fetchrow(f"SELECT count(*) AS n, coalesce(sum(count), 0) AS total FROM {table} "
+                                  "WHERE pipeline = $1", keys.pipeline)
+        if int(row["total"]) != expected or int(row["n"]) != filled.rows[table]:
+            problems.append(f"{table}: {row['n']} rows / total {row['total']}, expected "
+                            f"{filled.rows[table]} rows / total {expected}")
+    left = [key async for key in client.scan_iter(match=keys.scan_pattern, count=1000)]
+    bookkeeping = {keys.claim_seq.encode(), keys.lock.encode()}
+    stray = [key for key in left if key not in bookkeeping]
+    if stray:
+        problems.append(f"Redis still holds {len(stray)} keys of the pipeline, e.g. {stray[:3]}")
+    return problems
+
+
+async def delete_rows(conn: asyncpg.Connection, pipeline: str) -> None:
+    """Remove the run's rows and vacuum, so the next repetition does not insert among dead index entries."""
+    for table in ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger"):
+        await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
+        await conn.execute(f"VACUUM {table}")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM so the flush's peak is not the fill's (Linux: write 5 to clear_refs)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+async def one_run(config: Config, conn: asyncpg.Connection, client: aioredis.Redis, redis_pid: int,
+                  size: int, rep: int) -> FlushRun:
+    keys = PipelineKeys(f"bench/flush-{size}-{uuid.uuid4().hex[:8]}")
+    filled = await fill(client, keys, size, config.counters.ttl_seconds)
+    marks: list[tuple[str, float, float, float]] = []
+
+    def mark(step: str) -> None:
+        marks.append((step, time.perf_counter(), time.process_time(), benchlib.cpu_seconds(redis_pid)))
+
+    async def hook(step: str) -> None:
+        mark(step)
+
+    reset_peak_rss()
+    mark("start")
+    stats = await PipelineFlush(client, conn, config, keys.pipeline, hook=hook).run()
+    mark("end")
+    peak = benchlib.memory_mb(os.getpid())["VmHWM"]
+    phases: dict[str, Phase] = {}
+    for (_, wall0, cpu0, redis0), (step, wall1, cpu1, redis1) in itertools.pairwise(marks):
+        phase = phases.setdefault(PHASE_OF_STEP.get(step, step), Phase())
+        phase.wall += wall1 - wall0
+        phase.cpu += cpu1 - cpu0
+        phase.redis_cpu += redis1 - redis0
+    problems = [f"flush failed: {stats.error}"] if stats.error else []
+    problems += await verify(conn, client, keys, filled)
+    if stats.rows != size:
+        problems.append(f"flush reported {stats.rows} rows, expected {size}")
+    await delete_rows(conn, keys.pipeline)
+    await client.delete(keys.claim_seq)
+    await client.srem(PIPELINES_SET, keys.pipeline)
+    return FlushRun(size, rep, stats.rows, stats.buckets, stats.units, stats.duration_s, filled.seconds, peak,
+                    phases, not problems, problems)
+
+
+@contextlib.asynccontextmanager
+async def services(database_url: str | None, scratch: Path) -> AsyncIterator[tuple[RedisServer, str, str]]:
+    redis_server = RedisServer(scratch / "redis").start()
+    postgres = None
+    try:
+        if database_url is None:
+            postgres = PostgresServer(scratch / "postgres").start()
+            database_url = postgres.url
+            origin = "throwaway PostgresServer (fsync=off, synchronous_commit=off)"
+        else:
+            origin = "from --database-url"
+        yield redis_server, database_url, origin
+    finally:
+        redis_server.stop()
+        if postgres is not None:
+            postgres.destroy()
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10_000, 100_000] if args.quick else
+                                                                          [10_000, 100_000, 1_000_000])
+    repeat = args.repeat or (1 if args.quick else 3)
+    with tempfile.TemporaryDirectory(prefix="bench-flush-") as scratch:
+        async with services(args.database_url, Path(scratch)) as (redis_server, database_url, origin):
+            config = parse_config({"pipeline": "bench/flush", "redis_url": redis_server.url,
+                                   "database_url": database_url})
+            client = aioredis.Redis.from_url(redis_server.url)
+            conn = await connect(config, "benchmark flush")
+            try:
+                redis_version = (await client.info("server"))["redis_version"]
+                pg_version = await conn.fetchval("SHOW server_version")
+                benchlib.print_header("flush benchmark", redis_version=f"{redis_version} (throwaway)",
+                                      postgres_version=f"{pg_version} ({origin})")
+                await apply_schema(conn)
+                assert redis_server.process is not None
+                print(f"batch size {config.flush.batch_size} buckets per unit (flush.batch_size default); "
+                      f"{repeat} repetition(s) per size; a fresh pipeline per repetition (rows are inserted)\n")
+                runs: list[FlushRun] = []
+                for size in sizes:
+                    for rep in range(1, repeat + 1):
+                        run = await one_run(config, conn, client, redis_server.process.pid, size, rep)
+                        runs.append(run)
+                        split = "  ".join(f"{name} {phase.wall:.2f}s" for name, phase in run.phases.items()
+                                          if phase.wall >= 0.005)
+                        print(f"  {size:>9,} counters rep {rep}: fill {run.fill_seconds:5.1f}s  "
+                              f"flush {run.seconds:6.2f}s {run.rows_per_s:>9,.0f} rows/s  {run.units} unit(s), "
+                              f"{run.buckets} buckets  "
+                              f"peak RSS {run.peak_rss_mb:.0f} MB  [{'OK' if run.verified else 'FAIL'}]  {split}",
+                              flush=True)
+                        for problem in run.problems:
+                            print(f"      FAIL {problem}")
+            finally:
+                await conn.close()
+                await client.aclose()
+    print(f"\nload avg at end: {benchlib.load_average()}\n")
+    report(runs, sizes)
+    return 0 if all(run.verified for run in runs) else 1
+
+
+def report(runs: list[FlushRun], sizes: list[int]) -> None:
+    s = benchlib.stat
+    rows = []
+    for size in sizes:
+        mine = [r for r in runs if r.size == size]
+        rows.append([f"{size:,}", s([r.seconds for r in mine]).show("{:.2f}"), s([r.rows_per_s for r in mine]).show(),
+                     str(mine[0].units), str(mine[0].buckets), s([r.peak_rss_mb for r in mine]).show("{:.0f}"),
+                     "yes" if all(r.verified for r in mine) else "NO"])
+    print("Medians over repetitions, (min..max):")
+    print(benchlib.table(["counters", "flush s", "rows/s", "units", "buckets", "peak RSS MB", "totals exact"], rows))
+    print()
+    for size in sizes:
+        mine = [r for r in runs if r.size == size]
+        names = list(dict.fromkeys(name for r in mine for name in r.phases))
+        total = benchlib.stat([r.seconds for r in mine]).median
+        print(f"Where the time goes at {size:,} counters (median seconds; wall / flusher CPU / Redis CPU):")
+        lines = []
+        for name in names:
+            wall = benchlib.stat([r.phases.get(name, Phase()).wall for r in mine]).median
+            if wall < 0.001:
+                continue
+            cpu = benchlib.stat([r.phases.get(name, Phase()).cpu for r in mine]).median
+            redis_cpu = benchlib.stat([r.phases.get(name, Phase()).redis_cpu for r in mine]).median
+            lines.append([name, f"{wall:.3f}", f"{100 * wall / total:.0f}%" if total else "-", f"{cpu:.3f}",
+                          f"{redis_cpu:.3f}"])
+        print(benchlib.table(["phase", "wall s", "share", "flusher CPU s", "Redis CPU s"], lines))
+        print()
+    biggest = max(sizes)
+    best = benchlib.stat([r.rows_per_s for r in runs if r.size == biggest])
+    if biggest >= 1_000_000:
+        verdict = "MET " if best.median >= 100_000 else "MISS"
+        print(f"  {verdict} flush at {biggest:,} counters: {best.show()} rows/s (target >= 100,000 rows/s)")
+    print(f"  {'MET ' if all(r.verified for r in runs) else 'FAIL'} PostgreSQL totals equal what was written, "
+          f"Redis drained ({sum(r.verified for r in runs)}/{len(runs)} runs)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 10k and 100k counters, once")
+    parser.add_argument("--sizes", help="comma-separated counter counts (default 10000,100000,1000000)")
+    parser.add_argument("--repeat", type=int, help="repetitions per size (default 3; --quick: 1)")
+    parser.add_argument("--database-url", help="use this PostgreSQL instead of a throwaway one")
+    args = parser.parse_args()
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

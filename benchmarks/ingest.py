@@ -1,0 +1,389 @@
+"""Ingest benchmark: the real sidecar vs a naive sidecar vs a do-nothing aiohttp server, driven by wrk.
+
+    .venv/bin/python benchmarks/ingest.py            # full run: 3 repetitions x 8 runs of 8 s (~4 min)
+    .venv/bin/python benchmarks/ingest.py --quick    # smoke run: 1 repetition, 2 s runs (~40 s)
+
+A throwaway Redis (core.services.RedisServer) is started, so figures do not depend on the machine's
+Redis config. Then, per repetition, each server in turn is started as its own process, warmed up for
+1 s and loaded by Debian's ``wrk`` (a separate process; installed with apt-get if missing) with
+``benchmarks/wrk_events.lua``: distinct (event type, user) pairs over 100k users and 20 event types,
+single events and batches of 100, at concurrency 32:
+
+- ``sidecar``         the project, as deployed: ``analytics-pipeline sidecar`` (uvloop when installed)
+- ``sidecar-asyncio`` the same process with uvloop hidden (what uvloop earns)
+- ``naive``           benchmarks/baseline/naive_sidecar.py: per event a MULTI/EXEC pipeline of
+                      INCR+EXPIRE x3 and SADD, awaited per request (aiohttp + redis-py)
+- ``ceiling``         benchmarks/baseline/ceiling.py: a POST handler that does nothing (uvloop), and
+  ``ceiling-asyncio`` the same on asyncio's loop
+
+Printed per run and as medians (min..max) over the repetitions: requests/s, events/s, p50/p99
+latency, server CPU (utime+stime from /proc over the measured run, in cores), Redis and wrk CPU,
+idle and peak RSS (VmRSS before load, VmHWM after). After every run the server is stopped
+(gracefully) and Redis is checked: it must hold at least every event acknowledged (2xx) and at most
+every event sent; the difference can only be requests in flight when wrk stopped (sent, answer not
+read). Ratios are computed within each repetition, then their median is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import benchlib
+import redis
+
+from analytics_pipeline.core.keys import PipelineKeys
+from analytics_pipeline.core.services import RedisServer, free_port
+
+LUA = benchlib.BENCH / "wrk_events.lua"
+BASELINE = benchlib.BENCH / "baseline"
+USERS = 100_000
+EVENT_TYPES = 20
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server under test and how to start it."""
+
+    name: str
+    kind: str  # "sidecar", "naive", "ceiling"
+    loop: str  # "uvloop" or "asyncio"
+
+    def command(self, port: int, redis_url: str, pipeline: str) -> tuple[list[str], dict[str, str]]:
+        env = {k: v for k, v in os.environ.items() if k not in ("ANALYTICS_CONFIG", "PYTHONPATH")}
+        if self.kind == "sidecar":
+            console = Path(sys.executable).parent / "analytics-pipeline"
+            base = [str(console)] if console.exists() else [sys.executable, "-m", "analytics_pipeline.main"]
+            env.update(REDIS_URL=redis_url, ANALYTICS_PIPELINE=pipeline)
+            if self.loop == "asyncio":
+                env["PYTHONPATH"] = str(BASELINE / "no_uvloop")
+            return [*base, "sidecar", "--port", str(port), "--no-reload", "--log-level", "warning"], env
+        if self.kind == "naive":
+            return [sys.executable, str(BASELINE / "naive_sidecar.py"), "--port", str(port), "--redis-url",
+                    redis_url, "--pipeline", pipeline], env
+        return [sys.executable, str(BASELINE / "ceiling.py"), "--port", str(port), "--loop", self.loop], env
+
+
+@dataclass(frozen=True)
+class Load:
+    """One wrk load: events per request and concurrency."""
+
+    name: str
+    per_request: int
+    connections: int
+
+
+@dataclass
+class Run:
+    """The figures of one (target, load, repetition)."""
+
+    target: str
+    load: str
+    rep: int
+    rps: float
+    eps: float
+    p50_ms: float
+    p99_ms: float
+    server_cores: float
+    redis_cores: float
+    wrk_cores: float
+    idle_rss_mb: float
+    peak_rss_mb: float
+    acked_events: int
+    sent_events: int
+    stored_events: int
+    errors: dict[str, int] = field(default_factory=dict)
+    consistent: bool = True
+    note: str = ""
+
+    @property
+    def verified(self) -> bool:
+        return self.acked_events <= self.stored_events <= self.sent_events and self.consistent
+
+
+# ------------------------------------------------------------------------------------------- wrk
+def find_wrk() -> str:
+    """Path of wrk; installs Debian's package with apt-get when it is missing (and says so)."""
+    found = shutil.which("wrk")
+    if found:
+        print(f"wrk: using {found}")
+        return found
+    print("wrk: not found; installing Debian's package (apt-get install -y wrk)", flush=True)
+    apt = shutil.which("apt-get")
+    if apt is None:
+        sys.exit("wrk is missing and apt-get is not available: install wrk (https://github.com/wg/wrk)")
+    install = subprocess.run([apt, "install", "-y", "wrk"], capture_output=True, text=True)
+    if install.returncode != 0:
+        subprocess.run([apt, "update"], capture_output=True)
+        install = subprocess.run([apt, "install", "-y", "wrk"], capture_output=True, text=True)
+    found = shutil.which("wrk")
+    if found is None:
+        sys.exit(f"could not install wrk: {install.stderr.strip()[-400:]}")
+    print(f"wrk: installed {found}")
+    return found
+
+
+def run_wrk(wrk: str, url: str, load: Load, seconds: float, threads: int) -> tuple[dict[str, float], float]:
+    """Run wrk once; its BENCH_JSON summary and the CPU seconds wrk used."""
+    command = [wrk, f"-t{threads}", f"-c{load.connections}", f"-d{seconds:g}s", "--timeout", "10s",
+               "-s", str(LUA), url, "--", str(load.per_request), str(USERS), str(EVENT_TYPES), "/v1/events"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line.removeprefix("BENCH_JSON ")), cpu
+    raise RuntimeError(f"wrk printed no summary (exit {done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
+
+
+# ---------------------------------------------------------------------------------------- servers
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def server_process(target: Target, redis_url: str, pipeline: str, log_dir: Path) -> Iterator[tuple[int, int]]:
+    """Start the target on a free port; yields (pid, port); stops it with SIGTERM and waits."""
+    port = free_port()
+    command, env = target.command(port, redis_url, pipeline)
+    log_path = log_dir / f"{target.name}-{port}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=benchlib.REPO)
+        try:
+            deadline = time.monotonic() + 30
+            while not _healthy(f"http://127.0.0.1:{port}/healthz"):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{target.name} did not start: {log_path.read_text()[-1500:]}")
+                time.sleep(0.05)
+            yield process.pid, port
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def stored_events(client: redis.Redis, target: Target, pipeline: str) -> tuple[int, bool]:
+    """Events Redis holds for the run (sum of the daily counts), and whether granularities agree."""
+    if target.kind == "sidecar":
+        keys = PipelineKeys(pipeline)
+        sums = {}
+        for kind in ("d", "h", "u"):
+            pattern = keys.scan_pattern[:-1] + f"{kind}:*"
+            sums[kind] = sum(sum(int(v) for v in client.hvals(key)) for key in client.scan_iter(pattern, count=1000))
+        return sums["d"], sums["d"] == sums["h"] == sums["u"]
+    if target.kind == "naive":
+        escaped = pipeline.replace("{", "\\{")
+        total = {}
+        for kind in ("d", "h"):
+            found = list(client.scan_iter(f"naive:\\{{{escaped}\\}}:{kind}:*", count=1000))
+            total[kind] = sum(int(v) for chunk in range(0, len(found), 1000)
+                              for v in client.mget(found[chunk:chunk + 1000]))
+        return total["d"], total["d"] == total["h"]
+    return -1, True  # the ceiling stores nothing
+
+
+def measure(wrk: str, target: Target, load: Load, rep: int, redis_server: RedisServer, client: redis.Redis,
+            seconds: float, warmup: float, threads: int, log_dir: Path) -> Run:
+    """Start the target, warm it up, load it, stop it, check Redis; the run's figures."""
+    pipeline = f"bench/{target.name}-{load.name}-{rep}"
+    assert redis_server.process is not None
+    redis_pid = redis_server.process.pid
+    with server_process(target, redis_server.url, pipeline, log_dir) as (pid, port):
+        url = f"http://127.0.0.1:{port}"
+        time.sleep(0.3)
+        idle = benchlib.memory_mb(pid)["VmRSS"]
+        warm, _ = run_wrk(wrk, url, load, warmup, threads) if warmup > 0 else ({"requests": 0, "sent": 0,
+                                                                               "status_errors": 0}, 0.0)
+        time.sleep(0.2)
+        cpu0, redis0, t0 = benchlib.cpu_seconds(pid), benchlib.cpu_seconds(redis_pid), time.monotonic()
+        summary, wrk_cpu = run_wrk(wrk, url, load, seconds, threads)
+        wall = time.monotonic() - t0
+        cpu1, redis1 = benchlib.cpu_seconds(pid), benchlib.cpu_seconds(redis_pid)
+        peak = benchlib.memory_mb(pid)["VmHWM"]
+    duration = summary["duration_us"] / 1e6
+    acked_requests = summary["requests"] - summary["status_errors"]
+    acked = (acked_requests + warm["requests"] - warm["status_errors"]) * load.per_request
+    sent = (summary["sent"] + warm["sent"]) * load.per_request
+    stored, consistent = stored_events(client, target, pipeline)
+    client.flushall()  # our throwaway Redis: every run starts empty
+    errors = {name: int(summary[key]) for name, key in (("non2xx", "status_errors"), ("connect", "connect_errors"),
+                                                         ("read", "read_errors"), ("write", "write_errors"),
+                                                         ("timeout", "timeouts")) if summary[key]}
+    run = Run(target.name, load.name, rep, acked_requests / duration, acked_requests * load.per_request / duration,
+              summary["p50_us"] / 1000, summary["p99_us"] / 1000, (cpu1 - cpu0) / wall, (redis1 - redis0) / wall,
+              wrk_cpu / wall, idle, peak, acked, sent, stored, errors, consistent)
+    if target.kind == "ceiling":
+        run.stored_events = run.acked_events  # nothing to check
+    return run
+
+
+# ------------------------------------------------------------------------------------------ report
+def show_run(run: Run) -> str:
+    check = "ceiling: nothing stored" if run.stored_events == run.acked_events and run.target.startswith("ceiling") \
+        else (f"Redis {run.stored_events:,} events: acked {run.acked_events:,} <= stored <= sent {run.sent_events:,}"
+              f"{'' if run.consistent else ', granularities DISAGREE'}")
+    errors = f" errors {run.errors}" if run.errors else ""
+    return (f"  rep {run.rep} {run.target:<16} {run.load:<6} {run.rps:>9,.0f} req/s {run.eps:>10,.0f} ev/s  "
+            f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  cpu {run.server_cores:4.2f}  "
+            f"redis {run.redis_cores:4.2f}  wrk {run.wrk_cores:4.2f}  rss {run.idle_rss_mb:4.0f}/{run.peak_rss_mb:4.0f} MB"
+            f"  [{'OK' if run.verified else 'FAIL'}: {check}]{errors}")
+
+
+def summarize(runs: list[Run], targets: list[Target], loads: list[Load]) -> list[tuple[str, bool | None, str]]:
+    rows = []
+    for target in targets:
+        for load in loads:
+            mine = [r for r in runs if r.target == target.name and r.load == load.name]
+            if not mine:
+                continue
+            s = benchlib.stat
+            rows.append([f"{target.name} / {load.name}", s([r.rps for r in mine]).show(),
+                         s([r.eps for r in mine]).show(),
+                         s([r.p50_ms for r in mine]).show("{:.2f}"), s([r.p99_ms for r in mine]).show("{:.2f}"),
+                         s([r.server_cores for r in mine]).show("{:.2f}"),
+                         s([r.redis_cores for r in mine]).show("{:.2f}"),
+                         s([r.idle_rss_mb for r in mine]).show("{:.0f}"), s([r.peak_rss_mb for r in mine]).show("{:.0f}"),
+                         "yes" if all(r.verified for r in mine) else "NO"])
+    print("Medians over repetitions, (min..max):")
+    print(benchlib.table(["server / load", "req/s", "events/s", "p50 ms", "p99 ms", "cpu cores", "redis cores",
+                          "idle MB", "peak MB", "Redis = acked"], rows))
+    print()
+
+    def per_rep(a: tuple[str, str], b: tuple[str, str], field_a: str = "rps", field_b: str = "rps") -> benchlib.Stat | None:
+        ratios = []
+        for rep in sorted({r.rep for r in runs}):
+            x = next((r for r in runs if (r.target, r.load, r.rep) == (*a, rep)), None)
+            y = next((r for r in runs if (r.target, r.load, r.rep) == (*b, rep)), None)
+            if x and y and getattr(y, field_b):
+                ratios.append(getattr(x, field_a) / getattr(y, field_b))
+        return benchlib.stat(ratios) if ratios else None
+
+    verdicts: list[tuple[str, bool | None, str]] = []
+
+    def ratio_line(label: str, value: benchlib.Stat | None, target: float | None, unit: str = "x") -> None:
+        if value is None:
+            return
+        text = f"{value.show('{:.2f}')}{unit}"
+        ok = None if target is None else value.median >= target
+        verdicts.append((label, ok, text + (f"  (target >= {target:g}{unit})" if target is not None else "")))
+
+    ratio_line("single: sidecar / naive req/s", per_rep(("sidecar", "single"), ("naive", "single")), 2.5)
+    ratio_line("single: sidecar / ceiling req/s (both uvloop)", per_rep(("sidecar", "single"), ("ceiling", "single")),
+               0.8)
+    ratio_line("single: sidecar-asyncio / ceiling-asyncio req/s",
+               per_rep(("sidecar-asyncio", "single"), ("ceiling-asyncio", "single")), None)
+    ratio_line("single: sidecar / sidecar-asyncio req/s (what uvloop earns)",
+               per_rep(("sidecar", "single"), ("sidecar-asyncio", "single")), None)
+    ratio_line("batch: sidecar events/s / naive single events/s",
+               per_rep(("sidecar", "batch"), ("naive", "single"), "eps", "eps"), 20)
+    ratio_line("batch: sidecar-asyncio events/s / naive single events/s",
+               per_rep(("sidecar-asyncio", "batch"), ("naive", "single"), "eps", "eps"), None)
+    ratio_line("batch: sidecar / naive events/s (both batched)", per_rep(("sidecar", "batch"), ("naive", "batch"),
+                                                                       "eps", "eps"), None)
+    sidecar = [r for r in runs if r.target == "sidecar"]
+    if sidecar:
+        p99 = benchlib.stat([r.p99_ms for r in sidecar if r.load == "single"] or [0])
+        verdicts.append(("single: sidecar p99 at concurrency 32", p99.median <= 15, f"{p99.show('{:.2f}')} ms  "
+                         "(target <= 15 ms)"))
+        peak = benchlib.stat([r.peak_rss_mb for r in sidecar])
+        verdicts.append(("sidecar peak RSS under load", peak.median <= 80, f"{peak.show('{:.0f}')} MB  "
+                         "(target <= 80 MB)"))
+        idle = benchlib.stat([r.idle_rss_mb for r in sidecar])
+        verdicts.append(("sidecar idle RSS", idle.median <= 50, f"{idle.show('{:.0f}')} MB  (target <= 50 MB)"))
+    verdicts.append(("Redis holds exactly what was acked (all runs)", all(r.verified for r in runs),
+                     f"{sum(r.verified for r in runs)}/{len(runs)} runs"))
+    print("Ratios (within each repetition, median (min..max)) and targets:")
+    width = max(len(label) for label, _, _ in verdicts)
+    for label, ok, text in verdicts:
+        mark = "    " if ok is None else ("MET " if ok else "MISS")
+        print(f"  {mark} {label:<{width}}  {text}")
+    return verdicts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition of 2 s runs, no naive batch")
+    parser.add_argument("--repeat", type=int, help="repetitions (default 3; --quick: 1)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per run (default 8; --quick: 2)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run (default 1)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--batch", type=int, default=100, help="events per request of the batch load (default 100)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leaves a core to the server)")
+    parser.add_argument("--only", help="comma-separated targets to run (sidecar,sidecar-asyncio,naive,ceiling,"
+                                       "ceiling-asyncio)")
+    args = parser.parse_args()
+    repeat = args.repeat or (1 if args.quick else 3)
+    seconds = args.seconds or (2.0 if args.quick else 8.0)
+
+    wrk = find_wrk()
+    wrk_version = benchlib._first_line([wrk, "--version"])
+    targets = [Target("sidecar", "sidecar", "uvloop"), Target("sidecar-asyncio", "sidecar", "asyncio"),
+               Target("naive", "naive", "asyncio"), Target("ceiling", "ceiling", "uvloop"),
+               Target("ceiling-asyncio", "ceiling", "asyncio")]
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        print("uvloop is not installed: 'sidecar' runs on asyncio's loop like 'sidecar-asyncio'")
+        targets = [t for t in targets if t.loop == "asyncio" or t.kind == "sidecar"]
+    if args.only:
+        wanted = set(args.only.split(","))
+        targets = [t for t in targets if t.name in wanted]
+    single = Load("single", 1, args.connections)
+    batch = Load("batch", args.batch, args.connections)
+    plan = []
+    for target in targets:
+        for load in (single, batch):
+            if target.kind == "ceiling" and load is batch:
+                continue  # the ceiling answers without reading: its batch figure says nothing new
+            if target.kind == "naive" and load is batch and args.quick:
+                continue
+            plan.append((target, load))
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as scratch:
+        redis_server = RedisServer(Path(scratch) / "redis").start()
+        try:
+            client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+            redis_version = client.info("server")["redis_version"]
+            benchlib.print_header("ingest benchmark", redis_version=f"{redis_version} (throwaway, {redis_server.binary})")
+            print(f"wrk {wrk_version.split(' Copyright')[0]}, {args.threads} thread(s), {args.connections} connections, "
+                  f"{seconds:g} s per run after {args.warmup:g} s warm-up, {repeat} repetition(s); "
+                  f"{USERS:,} users x {EVENT_TYPES} event types, batch = {args.batch} events/request\n", flush=True)
+            runs: list[Run] = []
+            log_dir = Path(scratch)
+            for rep in range(1, repeat + 1):
+                for target, load in plan:
+                    run = measure(wrk, target, load, rep, redis_server, client, seconds, args.warmup, args.threads,
+                                  log_dir)
+                    runs.append(run)
+                    print(show_run(run), flush=True)
+            print(f"\nload avg at end: {benchlib.load_average()}\n")
+            verdicts = summarize(runs, targets, [single, batch])
+        finally:
+            redis_server.stop()
+    return 0 if all(ok is not False for label, ok, _ in verdicts if label.startswith("Redis")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
