@@ -25,7 +25,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------------ machine
-def _first_line(command: Sequence[str]) -> str:
+def first_line(command: Sequence[str]) -> str:
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -53,10 +53,10 @@ def machine_lines(redis_version: str | None = None, postgres_version: str | None
     from analytics_pipeline.core.services import find_postgres_bin, find_redis_server
 
     if redis_version is None:
-        redis_version = _first_line([find_redis_server(), "--version"])
+        redis_version = first_line([find_redis_server(), "--version"])
     if postgres_version is None:
         try:
-            postgres_version = _first_line([str(find_postgres_bin() / "postgres"), "--version"])
+            postgres_version = first_line([str(find_postgres_bin() / "postgres"), "--version"])
         except Exception as error:  # no binaries: the figure is then from --database-url
             postgres_version = f"unavailable ({error})"
     return [
@@ -99,6 +99,12 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def uses_uvloop(pid: int) -> bool:
+    """True if the process has uvloop's extension mapped (it imported uvloop; the sidecar then runs on it)."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+        return any("uvloop" in line for line in maps)
 
 
 def memory_mb(pid: int) -> dict[str, float]:

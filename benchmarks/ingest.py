@@ -102,12 +102,13 @@ class Run:
     wrk_cores: float
     idle_rss_mb: float
     peak_rss_mb: float
+    cpu_us_per_request: float
     acked_events: int
     sent_events: int
     stored_events: int
     errors: dict[str, int] = field(default_factory=dict)
     consistent: bool = True
-    note: str = ""
+    uvloop: bool = False
 
     @property
     def verified(self) -> bool:
@@ -136,9 +137,12 @@ def find_wrk() -> str:
     return found
 
 
+PIN: dict[str, list[str]] = {"server": [], "client": []}  # taskset prefixes when --pin
+
+
 def run_wrk(wrk: str, url: str, load: Load, seconds: float, threads: int) -> tuple[dict[str, float], float]:
     """Run wrk once; its BENCH_JSON summary and the CPU seconds wrk used."""
-    command = [wrk, f"-t{threads}", f"-c{load.connections}", f"-d{seconds:g}s", "--timeout", "10s",
+    command = [*PIN["client"], wrk, f"-t{threads}", f"-c{load.connections}", f"-d{seconds:g}s", "--timeout", "10s",
                "-s", str(LUA), url, "--", str(load.per_request), str(USERS), str(EVENT_TYPES), "/v1/events"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
@@ -166,7 +170,8 @@ def server_process(target: Target, redis_url: str, pipeline: str, log_dir: Path)
     command, env = target.command(port, redis_url, pipeline)
     log_path = log_dir / f"{target.name}-{port}.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=benchlib.REPO)
+        process = subprocess.Popen([*PIN["server"], *command], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   cwd=benchlib.REPO)
         try:
             deadline = time.monotonic() + 30
             while not _healthy(f"http://127.0.0.1:{port}/healthz"):
@@ -214,6 +219,7 @@ def measure(wrk: str, target: Target, load: Load, rep: int, redis_server: RedisS
         url = f"http://127.0.0.1:{port}"
         time.sleep(0.3)
         idle = benchlib.memory_mb(pid)["VmRSS"]
+        on_uvloop = benchlib.uses_uvloop(pid)
         warm, _ = run_wrk(wrk, url, load, warmup, threads) if warmup > 0 else ({"requests": 0, "sent": 0,
                                                                                "status_errors": 0}, 0.0)
         time.sleep(0.2)
@@ -233,7 +239,9 @@ def measure(wrk: str, target: Target, load: Load, rep: int, redis_server: RedisS
                                                          ("timeout", "timeouts")) if summary[key]}
     run = Run(target.name, load.name, rep, acked_requests / duration, acked_requests * load.per_request / duration,
               summary["p50_us"] / 1000, summary["p99_us"] / 1000, (cpu1 - cpu0) / wall, (redis1 - redis0) / wall,
-              wrk_cpu / wall, idle, peak, acked, sent, stored, errors, consistent)
+              wrk_cpu / wall, idle, peak, 1e6 * (cpu1 - cpu0) / max(summary["requests"], 1), acked, sent, stored,
+              errors, consistent)
+    run.uvloop = on_uvloop
     if target.kind == "ceiling":
         run.stored_events = run.acked_events  # nothing to check
     return run
@@ -246,9 +254,10 @@ def show_run(run: Run) -> str:
               f"{'' if run.consistent else ', granularities DISAGREE'}")
     errors = f" errors {run.errors}" if run.errors else ""
     return (f"  rep {run.rep} {run.target:<16} {run.load:<6} {run.rps:>9,.0f} req/s {run.eps:>10,.0f} ev/s  "
-            f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  cpu {run.server_cores:4.2f}  "
-            f"redis {run.redis_cores:4.2f}  wrk {run.wrk_cores:4.2f}  rss {run.idle_rss_mb:4.0f}/{run.peak_rss_mb:4.0f} MB"
-            f"  [{'OK' if run.verified else 'FAIL'}: {check}]{errors}")
+            f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  cpu {run.server_cores:4.2f} "
+            f"({run.cpu_us_per_request:5.1f} us/req)  redis {run.redis_cores:4.2f}  wrk {run.wrk_cores:4.2f}  "
+            f"rss {run.idle_rss_mb:4.0f}/{run.peak_rss_mb:4.0f} MB  "
+            f"[{'OK' if run.verified else 'FAIL'}: {check}]{errors}")
 
 
 def summarize(runs: list[Run], targets: list[Target], loads: list[Load]) -> list[tuple[str, bool | None, str]]:
@@ -263,15 +272,21 @@ def summarize(runs: list[Run], targets: list[Target], loads: list[Load]) -> list
                          s([r.eps for r in mine]).show(),
                          s([r.p50_ms for r in mine]).show("{:.2f}"), s([r.p99_ms for r in mine]).show("{:.2f}"),
                          s([r.server_cores for r in mine]).show("{:.2f}"),
+                         s([r.cpu_us_per_request for r in mine]).show("{:.1f}"),
                          s([r.redis_cores for r in mine]).show("{:.2f}"),
-                         s([r.idle_rss_mb for r in mine]).show("{:.0f}"), s([r.peak_rss_mb for r in mine]).show("{:.0f}"),
+                         s([r.idle_rss_mb for r in mine]).show("{:.0f}"),
+                         s([r.peak_rss_mb for r in mine]).show("{:.0f}"),
                          "yes" if all(r.verified for r in mine) else "NO"])
+    loops = {r.target: "uvloop" if r.uvloop else "asyncio" for r in runs}
+    print("Event loop seen in each server process (/proc/<pid>/maps): "
+          + ", ".join(f"{name} {loop}" for name, loop in loops.items()))
     print("Medians over repetitions, (min..max):")
-    print(benchlib.table(["server / load", "req/s", "events/s", "p50 ms", "p99 ms", "cpu cores", "redis cores",
-                          "idle MB", "peak MB", "Redis = acked"], rows))
+    print(benchlib.table(["server / load", "req/s", "events/s", "p50 ms", "p99 ms", "server cores", "CPU us/req",
+                          "redis cores", "idle MB", "peak MB", "Redis ok"], rows))
     print()
 
-    def per_rep(a: tuple[str, str], b: tuple[str, str], field_a: str = "rps", field_b: str = "rps") -> benchlib.Stat | None:
+    def per_rep(a: tuple[str, str], b: tuple[str, str], field_a: str = "rps",
+                field_b: str = "rps") -> benchlib.Stat | None:
         ratios = []
         for rep in sorted({r.rep for r in runs}):
             x = next((r for r in runs if (r.target, r.load, r.rep) == (*a, rep)), None)
@@ -331,6 +346,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--batch", type=int, default=100, help="events per request of the batch load (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leaves a core to the server)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the server to CPU 0 and wrk + Redis to CPU 1 (taskset): steadier figures")
     parser.add_argument("--only", help="comma-separated targets to run (sidecar,sidecar-asyncio,naive,ceiling,"
                                        "ceiling-asyncio)")
     args = parser.parse_args()
@@ -338,7 +355,12 @@ def main() -> int:
     seconds = args.seconds or (2.0 if args.quick else 8.0)
 
     wrk = find_wrk()
-    wrk_version = benchlib._first_line([wrk, "--version"])
+    if args.pin:
+        taskset = benchlib.which_or_none("taskset")
+        if taskset is None or (os.cpu_count() or 1) < 2:
+            sys.exit("--pin needs taskset and at least 2 CPUs")
+        PIN["server"], PIN["client"] = [taskset, "-c", "0"], [taskset, "-c", "1"]
+    wrk_version = benchlib.first_line([wrk, "--version"])
     targets = [Target("sidecar", "sidecar", "uvloop"), Target("sidecar-asyncio", "sidecar", "asyncio"),
                Target("naive", "naive", "asyncio"), Target("ceiling", "ceiling", "uvloop"),
                Target("ceiling-asyncio", "ceiling", "asyncio")]
@@ -352,23 +374,26 @@ def main() -> int:
         targets = [t for t in targets if t.name in wanted]
     single = Load("single", 1, args.connections)
     batch = Load("batch", args.batch, args.connections)
-    plan = []
-    for target in targets:
-        for load in (single, batch):
-            if target.kind == "ceiling" and load is batch:
-                continue  # the ceiling answers without reading: its batch figure says nothing new
-            if target.kind == "naive" and load is batch and args.quick:
-                continue
-            plan.append((target, load))
+    # Per repetition: every single-event run, then every batch run; each ratio's two runs are neighbours.
+    order = ["ceiling", "sidecar", "naive", "sidecar-asyncio", "ceiling-asyncio"]
+    ranked = sorted(targets, key=lambda t: order.index(t.name))
+    plan = [(t, single) for t in ranked]
+    plan += [(t, batch) for t in ranked if t.kind == "sidecar" or (t.kind == "naive" and not args.quick)]
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as scratch:
         redis_server = RedisServer(Path(scratch) / "redis").start()
+        if args.pin and redis_server.process is not None:
+            subprocess.run(["taskset", "-a", "-p", "-c", "1", str(redis_server.process.pid)], capture_output=True,
+                           check=True)
         try:
             client = redis.Redis.from_url(redis_server.url, decode_responses=True)
             redis_version = client.info("server")["redis_version"]
-            benchlib.print_header("ingest benchmark", redis_version=f"{redis_version} (throwaway, {redis_server.binary})")
-            print(f"wrk {wrk_version.split(' Copyright')[0]}, {args.threads} thread(s), {args.connections} connections, "
-                  f"{seconds:g} s per run after {args.warmup:g} s warm-up, {repeat} repetition(s); "
+            benchlib.print_header("ingest benchmark",
+                                  redis_version=f"{redis_version} (throwaway, {redis_server.binary})")
+            if args.pin:
+                print("pinned: server on CPU 0, wrk and Redis on CPU 1")
+            print(f"wrk {wrk_version.split(' Copyright')[0]}, {args.threads} thread(s), {args.connections} "
+                  f"connections, {seconds:g} s per run after {args.warmup:g} s warm-up, {repeat} repetition(s); "
                   f"{USERS:,} users x {EVENT_TYPES} event types, batch = {args.batch} events/request\n", flush=True)
             runs: list[Run] = []
             log_dir = Path(scratch)
