@@ -28,6 +28,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks print figures (docs/PERFORMANCE.md); they are never part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ingest.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/flush.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/query.py $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -42,7 +42,7 @@ def throwaway_pg(tmp_path: Path) -> Iterator[PostgresServer]:
     try:
         yield server
     finally:
-        server.stop("immediate")
+        server.destroy()
 
 
 @pytest.fixture
