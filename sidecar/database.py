@@ -1,19 +1,22 @@
 """The sidecar's one PostgreSQL pool, shared by the query endpoints and the dashboard.
 
 Ingest never depends on PostgreSQL, so the pool is opened lazily on the first read, re-opened if
-the database URL changes (live config reload), and closed with the app.
+the database URL changes (live config reload), and closed with the app. asyncpg itself is imported
+then too (~2 MB of resident memory an ingest-only sidecar does not need).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
-import asyncpg
 from aiohttp import web
 
 from analytics_pipeline.core.config import Config
-from analytics_pipeline.flusher.db import create_pool
+
+if TYPE_CHECKING:
+    import asyncpg
 
 POOL_SIZE = 4
 
@@ -28,6 +31,8 @@ class LazyPool:
         self._lock = asyncio.Lock()
 
     async def pool(self, config: Config) -> asyncpg.Pool:
+        from analytics_pipeline.flusher.db import create_pool
+
         async with self._lock:
             if self._pool is None or self._url != config.database_url:
                 await self.close()

@@ -1,4 +1,9 @@
-"""Liveness, readiness and metrics endpoints: ``/healthz``, ``/readyz``, ``/metrics``."""
+"""Liveness, readiness and metrics endpoints: ``/healthz``, ``/readyz``, ``/metrics``.
+
+Readiness pings Redis over a connection of its own (``sidecar/resp.py``, like the writes), not
+through redis-py: probes run every few seconds and must not pull redis-py into an ingest-only
+sidecar (see ``sidecar/redis_client.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,37 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .appkeys import REDIS, REGISTRY, STATE
+from .appkeys import REGISTRY, STATE
+from .resp import RespConnection
+
+
+class RedisProbe:
+    """One Redis connection kept for readiness PINGs, (re)opened when needed; one PING at a time."""
+
+    def __init__(self) -> None:
+        self._connection: RespConnection | None = None
+        self._lock = asyncio.Lock()
+
+    async def ping(self, url: str, seconds: float) -> None:
+        """PING within ``seconds``; raises (and drops the connection) if Redis does not answer."""
+        async with asyncio.timeout(seconds), self._lock:
+            connection = self._connection
+            if connection is None:
+                connection = self._connection = RespConnection(url, seconds)
+            try:
+                await connection.connect()
+                await connection.execute("PING")
+            except BaseException:
+                connection.abort()
+                raise
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.abort()
+            self._connection = None
+
+
+PROBE = web.AppKey("redis_probe", RedisProbe)
 
 
 def _json(status: int, body: dict[str, object]) -> web.Response:
@@ -27,8 +62,7 @@ async def readyz(request: web.Request) -> web.Response:
     if state.draining:
         return _json(503, {**body, "status": "draining", "reason": "shutting down"})
     try:
-        async with asyncio.timeout(state.config.server.redis_timeout_seconds):
-            await request.app[REDIS].ping()
+        await request.app[PROBE].ping(state.config.redis_url, state.config.server.redis_timeout_seconds)
     except Exception as error:
         return _json(503, {**body, "status": "unavailable", "reason": f"Redis does not answer: {error!r}"})
     return _json(200, {**body, "status": "ready"})
@@ -43,7 +77,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def setup_health_routes(app: web.Application) -> None:
-    """Register ``/healthz``, ``/readyz`` and ``/metrics`` on ``app``."""
+    """Register ``/healthz``, ``/readyz`` and ``/metrics`` on ``app`` (and the readiness connection)."""
+    probe = app[PROBE] = RedisProbe()
+
+    async def close(app: web.Application) -> None:
+        probe.close()
+
+    app.on_cleanup.append(close)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -4,24 +4,26 @@ Every answer comes from :mod:`analytics_pipeline.core.queries` (PostgreSQL total
 buckets, exact at any instant). Bad parameters get 400 naming the parameter; a database or Redis
 that cannot answer gets 503 with ``Retry-After``. Ingest never depends on PostgreSQL: the shared pool
 (``sidecar/database.py``) opens on the first query and a missing database only affects reads.
+
+asyncpg, redis-py and the query module are imported by the first read request, not at start-up:
+together they are ~11 MB of resident memory that an ingest-only sidecar never uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import orjson
-import redis.exceptions
 from aiohttp import web
 
-from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError, parse_moment, resolve_range
-from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, describe
-
-from .appkeys import CONFIG, REDIS
+from .appkeys import CONFIG
 from .database import DATABASE, install_database
+from .redis_client import redis_client
+
+if TYPE_CHECKING:
+    from analytics_pipeline.core.queries import Queries
 
 RETRY_AFTER_S = 5
 
@@ -39,6 +41,8 @@ def _unavailable(message: str) -> web.Response:
 
 
 def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
+    from analytics_pipeline.core.queries import QueryInputError
+
     params: dict[str, str] = {}
     for name, value in request.query.items():
         if name not in allowed:
@@ -59,10 +63,16 @@ def _iso(value: date | datetime) -> str:
 
 
 async def _answer(request: web.Request, work: Callable[[Queries], Awaitable[dict[str, Any]]]) -> web.Response:
+    import asyncpg
+    import redis.exceptions
+
+    from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError
+    from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, describe
+
     config = request.app[CONFIG]
     try:
         pool = await request.app[DATABASE].pool(config)
-        return _json(await work(Queries.for_config(request.app[REDIS], pool, config)))
+        return _json(await work(Queries.for_config(redis_client(request.app), pool, config)))
     except QueryInputError as error:
         return _bad(error.parameter, error.message)
     except asyncpg.UndefinedTableError:
@@ -77,6 +87,8 @@ async def _answer(request: web.Request, work: Callable[[Queries], Awaitable[dict
 
 async def counts(request: web.Request) -> web.Response:
     """``GET /v1/counts?event=&from=&to=&granularity=hour|day[&user_id=]`` → series and total."""
+    from analytics_pipeline.core.queries import QueryInputError, resolve_range
+
     try:
         params = _params(request, {"event", "from", "to", "granularity", "user_id"})
         granularity = params.get("granularity", "day")
@@ -96,6 +108,8 @@ async def counts(request: web.Request) -> web.Response:
 
 async def uniques(request: web.Request) -> web.Response:
     """``GET /v1/uniques?event=&from=&to=`` → distinct users per day (and over the whole range)."""
+    from analytics_pipeline.core.queries import QueryInputError, resolve_range
+
     try:
         params = _params(request, {"event", "from", "to"})
         start, end = resolve_range("day", params.get("from"), params.get("to"))
@@ -111,6 +125,8 @@ async def uniques(request: web.Request) -> web.Response:
 
 async def events(request: web.Request) -> web.Response:
     """``GET /v1/events[?from=&to=]`` → every event type seen, with its total (all time by default)."""
+    from analytics_pipeline.core.queries import QueryInputError, parse_moment
+
     try:
         params = _params(request, {"from", "to"})
         start = parse_moment("from", params["from"]) if "from" in params else None
@@ -129,7 +145,8 @@ async def events(request: web.Request) -> web.Response:
 def setup_query_routes(app: web.Application) -> None:
     """Register the query endpoints on ``app`` and its lazy PostgreSQL pool (closed on cleanup).
 
-    ``app`` must carry ``REDIS`` and ``CONFIG`` (see ``sidecar/appkeys.py``).
+    ``app`` must carry ``REDIS`` (a redis-py client, or create_app's LazyRedis) and ``CONFIG``
+    (see ``sidecar/appkeys.py``).
     """
     install_database(app)
     app.router.add_get("/v1/counts", counts)

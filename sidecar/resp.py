@@ -3,8 +3,12 @@
 redis-py's asyncio connection spends ~50 µs of Python per command (a task per send, health
 checks, pool bookkeeping); the committer sends one command per group commit and needs to know
 exactly when a command may have reached the server, so it talks RESP itself over an
-``asyncio.Protocol``. URL parsing (``redis://``, ``rediss://``, ``unix://``, user, password, db)
-is redis-py's.
+``asyncio.Protocol``.
+
+Nothing here imports redis-py: importing any part of it loads the whole package (~7 MB of
+resident memory), which an ingest-only sidecar never needs. :func:`parse_url` therefore reads
+Redis URLs itself, with redis-py's rules (``tests/sidecar/test_resp.py`` compares the two), so
+writes and queries always reach the same server and database.
 """
 
 from __future__ import annotations
@@ -12,13 +16,70 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class RedisUnavailable(ConnectionError):
+    """No answer: cannot connect, or the connection broke (a command sent may or may not have run)."""
+
+
+class RedisTimeout(TimeoutError):
+    """Redis did not answer in time (a command sent may or may not have run)."""
+
+
+class RedisReplyError(Exception):
+    """Redis answered with an error reply: the command was refused."""
+
+
+class NoScriptError(RedisReplyError):
+    """EVALSHA of a script Redis does not have (``NOSCRIPT``): load it and retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where and how to connect, as redis-py's ``parse_url`` reads a URL."""
+
+    host: str = "localhost"
+    port: int = 6379
+    path: str | None = None  # unix socket
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+
+
+def parse_url(url: str) -> RedisAddress:
+    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://…`` (TLS), ``unix://[[user]:password@]/path``.
+
+    ``?db=N`` wins over the path's db, as in redis-py; other query options are ignored.
+    """
+    parsed = urlparse(url)
+    query = {name: values[0] for name, values in parse_qs(parsed.query).items() if values}
+    db: int | None = None
+    if "db" in query:
+        try:
+            db = int(query["db"])
+        except ValueError:
+            raise ValueError("Invalid value for 'db' in connection URL.") from None
+    username = unquote(parsed.username) if parsed.username else None
+    password = unquote(parsed.password) if parsed.password else None
+    if parsed.scheme == "unix":
+        return RedisAddress(path=unquote(parsed.path) if parsed.path else None, username=username,
+                            password=password, db=db or 0)
+    if parsed.scheme not in ("redis", "rediss"):
+        raise ValueError("Redis URL must specify one of the following schemes (redis://, rediss://, unix://)")
+    if parsed.path and db is None:
+        try:
+            db = int(unquote(parsed.path).replace("/", ""))
+        except ValueError:
+            pass
+    return RedisAddress(host=unquote(parsed.hostname) if parsed.hostname else "localhost",
+                        port=int(parsed.port) if parsed.port else 6379, tls=parsed.scheme == "rediss",
+                        username=username, password=password, db=db or 0)
 
 
 class RespProtocol(asyncio.Protocol):
@@ -40,7 +101,7 @@ class RespProtocol(asyncio.Protocol):
             try:
                 reply = self._reader.gets()
             except hiredis.ProtocolError as error:
-                self._fail(RedisConnectionError(f"protocol error from Redis: {error}"))
+                self._fail(RedisUnavailable(f"protocol error from Redis: {error}"))
                 if self.transport is not None:
                     self.transport.abort()
                 return
@@ -52,7 +113,7 @@ class RespProtocol(asyncio.Protocol):
                     waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = RedisConnectionError(f"connection to Redis lost: {exc or 'closed by server'}")
+        self.lost = RedisUnavailable(f"connection to Redis lost: {exc or 'closed by server'}")
         self._fail(self.lost)
 
     def _fail(self, error: BaseException) -> None:
@@ -64,7 +125,7 @@ class RespProtocol(asyncio.Protocol):
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Write one packed command; the future gets its reply (a ReplyError object for error replies)."""
         if self.lost is not None or self.transport is None or self.transport.is_closing():
-            raise RedisConnectionError("not connected to Redis")
+            raise RedisUnavailable("not connected to Redis")
         waiter = self._loop.create_future()
         self._waiters.append(waiter)
         self.transport.write(packed)
@@ -76,27 +137,27 @@ def _raise_reply_error(reply: Any) -> Any:
         text = str(reply)
         if text.startswith("NOSCRIPT"):
             raise NoScriptError(text)
-        raise ResponseError(text)
+        raise RedisReplyError(text)
     return reply
 
 
 class RespConnection:
     """One Redis connection: ``connect()``, ``execute(*args)`` with a timeout, ``abort()``.
 
-    ``execute`` raises redis-py's exception types: ``TimeoutError`` / ``ConnectionError`` (the command
-    may or may not have run), ``ResponseError`` / ``NoScriptError`` (it was refused).
+    ``execute`` raises :class:`RedisTimeout` / :class:`RedisUnavailable` (the command may or may not
+    have run; both are OSErrors) or :class:`RedisReplyError` / :class:`NoScriptError` (it was refused).
     """
 
     def __init__(self, url: str, timeout: float) -> None:
-        options = parse_url(url)
+        address = parse_url(url)
         self.timeout = timeout
-        self.host = options.get("host", "127.0.0.1")
-        self.port = int(options.get("port", 6379))
-        self.path = options.get("path") if options.get("connection_class") is UnixDomainSocketConnection else None
-        self.tls = options.get("connection_class") is SSLConnection
-        self.username = options.get("username")
-        self.password = options.get("password")
-        self.db = int(options.get("db", 0) or 0)
+        self.host = address.host
+        self.port = address.port
+        self.path = address.path
+        self.tls = address.tls
+        self.username = address.username
+        self.password = address.password
+        self.db = address.db
         self._protocol: RespProtocol | None = None
 
     @property
@@ -118,7 +179,7 @@ class RespConnection:
                     context = ssl.create_default_context() if self.tls else None
                     _, protocol = await loop.create_connection(RespProtocol, self.host, self.port, ssl=context)
         except (OSError, TimeoutError) as error:
-            raise RedisConnectionError(f"cannot connect to Redis at {self.path or f'{self.host}:{self.port}'}: "
+            raise RedisUnavailable(f"cannot connect to Redis at {self.path or f'{self.host}:{self.port}'}: "
                                        f"{error!r}") from None
         self._protocol = protocol
         try:
@@ -135,7 +196,7 @@ class RespConnection:
         """Send one command and wait for its reply (at most ``timeout`` s, then the socket is closed)."""
         protocol = self._protocol
         if protocol is None:
-            raise RedisConnectionError("not connected to Redis")
+            raise RedisUnavailable("not connected to Redis")
         waiter = protocol.send(hiredis.pack_command(args))
         # A plain timer, not asyncio.timeout(): this runs once per group commit on the hot path.
         expiry = asyncio.get_running_loop().call_later(self.timeout, self._expire, waiter)
@@ -150,7 +211,7 @@ class RespConnection:
 
     def _expire(self, waiter: asyncio.Future[Any]) -> None:
         if not waiter.done():
-            waiter.set_exception(RedisTimeoutError(f"Redis did not answer within {self.timeout} s"))
+            waiter.set_exception(RedisTimeout(f"Redis did not answer within {self.timeout} s"))
             self.abort()
 
     def abort(self) -> None:
