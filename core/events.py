@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -31,14 +31,20 @@ _USER_FIELDS = ("user_id", "userId", "distinct_id", "anonymousId")
 _MESSAGE_FIELDS = ("message_id", "messageId", "uuid")
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One validated event, normalised: UTC timestamp, canonical field names."""
+class Event(NamedTuple):
+    """One validated event, normalised: UTC timestamp, canonical field names.
+
+    Immutable; a NamedTuple rather than a frozen dataclass because one is created per event on the
+    ingest hot path, and a frozen dataclass costs 4x as much to create (0.48 vs 0.12 µs).
+    """
 
     event_type: str
     user_id: str | None
     timestamp: datetime
     message_id: str | None = None
+
+
+_new_event = tuple.__new__  # Event(...) without the generated __new__'s argument handling
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,29 +109,50 @@ class EventValidator:
                                   code="unsupported_media_type")
 
     def parse(self, body: bytes, *, shape: Shape = "any", now: datetime | None = None) -> list[Event]:
-        """Parse and validate a whole request body; RequestRejected if anything is wrong."""
+        """Parse and validate a whole request body; RequestRejected if anything is wrong.
+
+        Hot path: each event goes through :meth:`_valid_event`, which only says "valid, here it is" or
+        "look closer"; at the first "look closer" the whole request is validated again by the
+        detailed path (:meth:`_validate`), which collects every error. Both accept exactly the same
+        events (``tests/core/test_event_fast_path.py`` checks it on generated events).
+        """
         if len(body) > self.max_request_bytes:
             raise RequestRejected(
                 413, f"request body is {len(body)} bytes, over the {self.max_request_bytes}-byte limit; "
                 "send smaller batches", [FieldError(None, "body", "too large")], code="payload_too_large")
-        if not body.strip():
-            raise RequestRejected(400, "request body is empty; send a JSON event, array or {\"batch\": [...]}",
-                                  [FieldError(None, "body", "is empty")])
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as error:
+            if not body.strip():
+                raise RequestRejected(400, "request body is empty; send a JSON event, array or {\"batch\": [...]}",
+                                      [FieldError(None, "body", "is empty")]) from None
             raise RequestRejected(400, f"request body is not valid JSON: {error}",
                                   [FieldError(None, "body", f"invalid JSON: {error}")], code="invalid_json") from None
-        raw_events = self._unwrap(document, shape)
-        if len(raw_events) > self.max_batch_events:
-            raise RequestRejected(
-                413, f"{len(raw_events)} events in one request, over the limit of {self.max_batch_events}; "
-                "split the batch", [FieldError(None, "batch", "too many events")], code="payload_too_large",
-                events=len(raw_events))
-        if not raw_events:
-            raise RequestRejected(400, "the request holds no events", [FieldError(None, "batch", "is empty")])
+        if document.__class__ is dict and shape != "batch" and "batch" not in document:
+            raw_events: list[Any] = [document]  # one event: the common single-event request
+        else:
+            raw_events = self._unwrap(document, shape)
+            if len(raw_events) > self.max_batch_events:
+                raise RequestRejected(
+                    413, f"{len(raw_events)} events in one request, over the limit of {self.max_batch_events}; "
+                    "split the batch", [FieldError(None, "batch", "too many events")], code="payload_too_large",
+                    events=len(raw_events))
+            if not raw_events:
+                raise RequestRejected(400, "the request holds no events", [FieldError(None, "batch", "is empty")])
         now = now or datetime.now(UTC)
         check_size = len(body) > self.max_event_bytes
+        valid_event = self._valid_event
+        events: list[Event] = []
+        append = events.append
+        for raw in raw_events:
+            event = valid_event(raw, now, check_size)
+            if event is None:
+                return self._validate(raw_events, now, check_size)
+            append(event)
+        return events
+
+    def _validate(self, raw_events: list[Any], now: datetime, check_size: bool) -> list[Event]:
+        """The detailed path: every event checked field by field, every problem collected."""
         events: list[Event] = []
         errors: list[FieldError] = []
         for index, raw in enumerate(raw_events):
@@ -140,6 +167,59 @@ class EventValidator:
                 f"{bad} of {len(raw_events)} events are invalid; nothing of this request was counted",
                 errors, code="payload_too_large" if too_large else "invalid_events", events=len(raw_events))
         return events
+
+    def _valid_event(self, raw: Any, now: datetime, check_size: bool) -> Event | None:
+        """The event if it is plainly valid; None when the detailed path must decide (and explain).
+
+        Same rules as :meth:`_event`, in one function: this runs once per event on the hot path.
+        """
+        if raw.__class__ is not dict:
+            return None
+        get = raw.get
+        call_type = get("type")
+        if call_type is not None and (call_type.__class__ is not str or call_type not in _NAMED_TYPES):
+            return None  # an implied event type ("page", ...) or a bad one: the detailed path
+        name = get("event")
+        if (name.__class__ is not str or not name or len(name) > self.max_name_length or name.isspace()
+                or not name.isprintable()):
+            return None
+        limit = self.max_id_length
+        user = get("user_id")
+        if user is None:
+            user = get("userId")
+            if user is None:
+                user = get("distinct_id")
+                if user is None:
+                    user = get("anonymousId")
+        properties = get("properties")
+        if user is None:
+            if properties.__class__ is dict and "distinct_id" in properties:
+                return None  # PostHog's properties.distinct_id
+        elif user.__class__ is not str or not user or len(user) > limit or not user.isprintable():
+            return None
+        if properties is not None and properties.__class__ is not dict:
+            return None
+        message = get("message_id")
+        if message is None:
+            message = get("messageId")
+            if message is None:
+                message = get("uuid")
+        if message is not None and (message.__class__ is not str or not message or len(message) > limit
+                                    or not message.isprintable()):
+            return None
+        value = get("timestamp")
+        if value is None:
+            moment = now
+        elif value.__class__ is str:
+            parsed = parse_timestamp(value)
+            if parsed is None or parsed - now > self.max_future or now - parsed > self.max_past:
+                return None
+            moment = parsed
+        else:
+            return None
+        if check_size and len(orjson.dumps(raw)) > self.max_event_bytes:
+            return None
+        return _new_event(Event, (name, user, moment, message))
 
     @staticmethod
     def _unwrap(document: Any, shape: Shape) -> list[Any]:

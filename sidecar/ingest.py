@@ -8,9 +8,10 @@ except the deliberate 503 (Redis unavailable / shutting down), which always carr
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -34,11 +35,16 @@ def _too_large(size: int, limit: int) -> RequestRejected:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, reading at most ``limit + 1`` bytes: a huge body is refused, never buffered."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(length, limit)
     content = request.content
     try:
+        if content.is_eof():  # the whole body came with the headers (small requests): no waiting
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise _too_large(len(body), limit)
+            return body
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(length, limit)
         first = await content.readany()
         if content.at_eof() or not first:
             if len(first) > limit:
@@ -77,43 +83,40 @@ def unavailable(state: SidecarState, reason: str, message: str) -> web.Response:
                         headers={"Retry-After": str(state.config.server.retry_after_seconds)})
 
 
-async def _ingest(request: web.Request, shape: Shape) -> web.Response:
-    state = request.app[STATE]
-    state.in_flight += 1
-    try:
-        validator = state.validator
-        content_type = request.headers.get("Content-Type")
-        if content_type is not None and content_type != _JSON:
-            validator.check_content_type(content_type)
-        body = await read_body(request, validator.max_request_bytes)
-        events = validator.parse(body, shape=shape)
-        duplicates = await state.committer.submit(events)
-    except RequestRejected as rejected:
-        return refuse(state, rejected)
-    except CommitFailed as failure:
-        reason = "overloaded" if failure.reason == "overloaded" else "redis_unavailable"
-        return unavailable(state, reason, str(failure))
-    except Exception:
-        log.exception("unexpected error while ingesting; answering 503")
-        return unavailable(state, "internal_error", "internal error")
-    finally:
-        state.in_flight -= 1
-    return web.Response(status=202, body=_ACCEPTED % (len(events) - duplicates, duplicates), content_type=_JSON)
+def _handler(shape: Shape) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The ingest handler for one body shape (one coroutine per request: no wrapper to await)."""
+
+    async def ingest(request: web.Request) -> web.Response:
+        state = request.app[STATE]
+        state.in_flight += 1
+        try:
+            validator = state.validator
+            content_type = request.headers.get(hdrs.CONTENT_TYPE)
+            if content_type is not None and content_type != _JSON:
+                validator.check_content_type(content_type)
+            events = validator.parse(await read_body(request, validator.max_request_bytes), shape=shape)
+            duplicates = await state.committer.submit(events)
+        except RequestRejected as rejected:
+            return refuse(state, rejected)
+        except CommitFailed as failure:
+            reason = "overloaded" if failure.reason == "overloaded" else "redis_unavailable"
+            return unavailable(state, reason, str(failure))
+        except Exception:
+            log.exception("unexpected error while ingesting; answering 503")
+            return unavailable(state, "internal_error", "internal error")
+        finally:
+            state.in_flight -= 1
+        return web.Response(status=202, body=_ACCEPTED % (len(events) - duplicates, duplicates), content_type=_JSON)
+
+    return ingest
 
 
-async def post_events(request: web.Request) -> web.Response:
-    """``POST /v1/events``: one event, a JSON array of events, or ``{"batch": [...]}``."""
-    return await _ingest(request, "any")
-
-
-async def post_track(request: web.Request) -> web.Response:
-    """``POST /v1/track``: one Segment-style call (``event``, ``userId``/``anonymousId``, ``messageId``)."""
-    return await _ingest(request, "single")
-
-
-async def post_batch(request: web.Request) -> web.Response:
-    """``POST /v1/batch`` (and PostHog's ``/batch``): ``{"batch": [...]}``, other top-level keys ignored."""
-    return await _ingest(request, "batch")
+post_events = _handler("any")
+post_events.__doc__ = """``POST /v1/events``: one event, a JSON array of events, or ``{"batch": [...]}``."""
+post_track = _handler("single")
+post_track.__doc__ = """``POST /v1/track``: one Segment-style call (``event``, ``userId``/``anonymousId``)."""
+post_batch = _handler("batch")
+post_batch.__doc__ = """``POST /v1/batch`` (and PostHog's ``/batch``): ``{"batch": [...]}``, other keys ignored."""
 
 
 def setup_ingest_routes(app: web.Application) -> None:
