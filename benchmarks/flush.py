@@ -42,6 +42,7 @@ from analytics_pipeline.core.services import PostgresServer, RedisServer
 from analytics_pipeline.flusher.db import connect
 from analytics_pipeline.flusher.migrate import apply_schema
 from analytics_pipeline.flusher.run import PipelineFlush
+from analytics_pipeline.flusher.store import PIPELINE_TABLES
 
 EVENT_TYPES = [f"event_{n:02d}" for n in range(20)]
 DAYS = 7
@@ -163,7 +164,7 @@ async def verify(conn: asyncpg.Connection, client: aioredis.Redis, keys: Pipelin
 
 async def delete_rows(conn: asyncpg.Connection, pipeline: str) -> None:
     """Remove the run's rows and vacuum, so the next repetition does not insert among dead index entries."""
-    for table in ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger"):
+    for table in PIPELINE_TABLES:
         await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
         await conn.execute(f"VACUUM {table}")
 

@@ -1,7 +1,9 @@
-"""Create or upgrade the PostgreSQL schema (tables, indexes, flush ledger) from the packaged schema.sql.
+"""Create or upgrade the PostgreSQL schema (tables, indexes, rollups, flush ledger) from the packaged schema.sql.
 
-Idempotent and safe to run concurrently: the script takes a transaction-scoped advisory lock and
-uses IF NOT EXISTS everywhere. Prints which objects it created, or that the schema was up to date.
+Idempotent and safe to run concurrently: the script takes a transaction-scoped advisory lock, uses
+IF NOT EXISTS everywhere and upgrades older layouts in guarded ``DO`` blocks (re-keys
+``analytics_user_daily`` day-major, drops its retired second index, creates and back-fills the uniques
+rollups). Prints what it created or changed, or that the schema was up to date.
 """
 
 from __future__ import annotations
@@ -14,13 +16,27 @@ import sys
 
 import asyncpg
 
-from analytics_pipeline.core.config import Config, load_config
+from analytics_pipeline.core.config import Config, ConfigError, load_config
+from analytics_pipeline.core.keys import PipelineKeys
 
 from .db import connect
 from .errors import POSTGRES_CONNECTION_ERRORS, FlushError, ServiceUnreachable, describe
+from .store import rebuild_rollups
 
 _LOCK_RE = re.compile(r"SELECT\s+pg_advisory_xact_lock\(\d+\)", re.IGNORECASE)
 _OBJECT_RE = re.compile(r"CREATE\s+(TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.IGNORECASE)
+
+# The layout schema.sql's upgrade block establishes (kept in step with it by tests/flusher/test_schema.py).
+USER_DAILY_KEY = ("pipeline", "day", "user_id", "event_type")
+RETIRED_INDEXES = ("analytics_user_daily_pipeline_day",)
+
+_PRIMARY_KEY_SQL = """
+SELECT array_agg(a.attname::text ORDER BY k.ord)
+  FROM pg_constraint c
+  CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+ WHERE c.conrelid = to_regclass($1) AND c.contype = 'p'
+"""
 
 
 def schema_sql() -> str:
@@ -40,8 +56,29 @@ async def _existing(conn: asyncpg.Connection, names: list[str]) -> set[str]:
     return {row["relname"] for row in rows}
 
 
+async def pending_upgrades(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    """Changes schema.sql would make to tables that already exist: an old-layout key, a retired index."""
+    changes: list[tuple[str, str]] = []
+    key = await conn.fetchval(_PRIMARY_KEY_SQL, "analytics_user_daily")
+    if key is not None and tuple(key) != USER_DAILY_KEY:
+        changes.append(("primary key", f"analytics_user_daily ({', '.join(USER_DAILY_KEY)})"))
+    for name in sorted(await _existing(conn, list(RETIRED_INDEXES))):
+        changes.append(("dropped index", name))
+    return changes
+
+
+def describe_change(kind: str, name: str) -> str:
+    """One line for a change :func:`apply_schema` made (``created table x``, ``dropped index y``...)."""
+    if kind in ("table", "index"):
+        return f"created {kind} {name}"
+    if kind == "primary key":
+        return f"rebuilt primary key {name}"
+    return f"{kind} {name}"
+
+
 async def apply_schema(conn: asyncpg.Connection) -> list[tuple[str, str]]:
-    """Apply schema.sql in one transaction; returns the ``(kind, name)`` objects it created."""
+    """Apply schema.sql in one transaction; returns what it did as ``(kind, name)``: the tables and
+    indexes it created, then any upgrade (``("primary key", ...)``, ``("dropped index", name)``)."""
     sql = schema_sql()
     objects = schema_objects(sql)
     lock = _LOCK_RE.search(sql)
@@ -49,19 +86,28 @@ async def apply_schema(conn: asyncpg.Connection) -> list[tuple[str, str]]:
         if lock:  # the same lock the script takes (they stack): look at what exists only once we hold it
             await conn.execute(lock.group(0))
         before = await _existing(conn, [name for _, name in objects])
-        if all(name in before for _, name in objects):
-            # Nothing to create: re-running the DDL would take table locks that can deadlock
-            # with a concurrent flush transaction, for no change.
+        upgrades = await pending_upgrades(conn)
+        if not upgrades and all(name in before for _, name in objects):
+            # Nothing to create or change: re-running the DDL would take table locks that can
+            # deadlock with a concurrent flush transaction, for no change.
             return []
         await conn.execute(sql)
-    return [(kind, name) for kind, name in objects if name not in before]
+    return [(kind, name) for kind, name in objects if name not in before] + upgrades
 
 
-async def migrate(config: Config) -> list[tuple[str, str]]:
-    """Connect with the config and apply the schema (see :func:`apply_schema`)."""
+async def migrate(config: Config, rebuild: str | None = None) -> list[tuple[str, str]]:
+    """Connect with the config and apply the schema (see :func:`apply_schema`); with ``rebuild`` (a
+    pipeline name, or ``"all"``) also recompute those pipelines' uniques rollups from their rows."""
     conn = await connect(config, "analytics-pipeline migrate")
     try:
-        return await apply_schema(conn)
+        changes = await apply_schema(conn)
+        if rebuild is not None:
+            pipelines = [rebuild] if rebuild != "all" else [row["pipeline"] for row in await conn.fetch(
+                "SELECT DISTINCT pipeline FROM analytics_user_daily ORDER BY pipeline")]
+            for pipeline in pipelines:
+                await rebuild_rollups(conn, pipeline)
+                changes.append(("rebuilt rollups of", pipeline))
+        return changes
     except POSTGRES_CONNECTION_ERRORS as error:
         raise ServiceUnreachable(f"PostgreSQL unreachable: {describe(error)}") from error
     finally:
@@ -69,14 +115,23 @@ async def migrate(config: Config) -> list[tuple[str, str]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``migrate`` has only the common options (``--config``; DATABASE_URL overrides)."""
+    """``migrate [--rebuild-rollups NS/NAME|all]`` plus the common options (``--config``; DATABASE_URL overrides)."""
+    parser.add_argument("--rebuild-rollups", metavar="NS/NAME|all",
+                        help="also recompute the uniques rollups of this pipeline (or of every pipeline) from "
+                             "its per-user rows: only needed after rows were written other than by the flusher")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Apply the schema and print what was created."""
+    """Apply the schema and print what was created or changed."""
     config = load_config(args.config)
+    rebuild = getattr(args, "rebuild_rollups", None)
+    if rebuild not in (None, "all"):
+        try:
+            PipelineKeys(rebuild)
+        except ValueError as error:
+            raise ConfigError(f"--rebuild-rollups: {error}") from None
     try:
-        created = asyncio.run(migrate(config))
+        created = asyncio.run(migrate(config, rebuild))
     except FlushError as error:
         print(f"analytics-pipeline migrate: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -85,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if created:
         for kind, name in created:
-            print(f"created {kind} {name}")
+            print(describe_change(kind, name))
     else:
         print(f"schema up to date ({len(schema_objects())} tables and indexes present)")
     return 0

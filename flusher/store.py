@@ -1,10 +1,17 @@
 """The PostgreSQL half of the flush protocol: apply one unit in one transaction, exactly once; retention.
 
-A unit's counts are COPYed into session temp tables and added to the real tables with one
-``INSERT … SELECT … ON CONFLICT DO UPDATE SET count = t.count + EXCLUDED.count`` per table, in the
-same transaction that inserts the unit into ``analytics_flush_ledger``. A ledger conflict means the
-unit was applied before (by a flusher that died before its Redis cleanup, or by a concurrent one):
-nothing else is written.
+A unit's counts are COPYed into session temp tables and added to the real tables (daily and hourly
+with ``INSERT … ON CONFLICT DO UPDATE SET count = t.count + EXCLUDED.count``; per-user rows with one
+statement that inserts the new rows and adds to the existing ones), in the same transaction that
+inserts the unit into ``analytics_flush_ledger``. A ledger conflict means the unit was applied before
+(by a flusher that died before its Redis cleanup, or by a concurrent one): nothing else is written.
+
+The same statement maintains the uniques rollups (``analytics_daily_uniques``,
+``analytics_user_last_seen``, see schema.sql) from the unit's per-user rows: the (day, user) and
+(day, event, user) pairs PostgreSQL did not hold yet are counted, and users' last days moved. That is
+only exact if no other transaction changes those rows meanwhile, so every transaction here first takes
+the pipeline's advisory lock: units of one pipeline apply one at a time (whether or not the Redis lock
+is in use), pipelines stay parallel. Exactly-once of the rollups then follows from the ledger.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 
 import asyncpg
 
@@ -24,46 +31,122 @@ from .staging import StagedBucket, batch_of, run_id_of
 log = logging.getLogger(__name__)
 
 LEDGER_RETENTION_DAYS = 30
+ANY_EVENT = ""  # the rollups' event_type meaning "any event type" (events may not have empty names)
+
+# pg_advisory_xact_lock(class, hashtext(pipeline)): the two-key form never collides with single-key
+# locks such as the migration's. A hash collision between two pipelines only serialises them.
+LOCK_CLASS = 1_735_046_153
+_LOCK_SQL = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, hashtext($1))"
+
+# Every table holding a pipeline's rows (rollups included), for whoever removes a pipeline's data.
+PIPELINE_TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_daily_uniques",
+                   "analytics_user_last_seen", "analytics_flush_ledger")
 
 _TEMP_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS ap_flush_daily (event_type text, day date, count bigint) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS ap_flush_hourly (event_type text, hour timestamptz, count bigint) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS ap_flush_user_daily (user_id text, event_type text, day date, count bigint)
     ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS ap_flush_user_days (day date, user_id text) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS ap_flush_last_seen (event_type text, user_id text, last_day date)
+    ON COMMIT DELETE ROWS;
 """
 
-# One upsert per table. ORDER BY keeps concurrent flushers locking rows in the same order (no deadlocks
-# between them) and makes the index inserts sequential (twice as fast as random order at 1M rows).
-# Rows of one unit are unique by construction (one staged hash per kind x bucket, unique fields), so
-# the fast statement does not aggregate; should a unit ever hold the same row twice, PostgreSQL refuses
-# it (CardinalityViolation) and the summing statement runs instead (see _upsert_rows).
+# Daily and hourly counts: one upsert per table (small: event types x buckets). ORDER BY makes the
+# index inserts sequential; rows of a unit are unique (rows_of merges buckets staged twice).
 _UPSERT = """
 INSERT INTO {target} AS t (pipeline, {columns})
-SELECT $1, {select} FROM {temp} {group} ORDER BY {key}
+SELECT $1, {columns} FROM {temp} ORDER BY {key}
 ON CONFLICT (pipeline, {key}) DO UPDATE SET count = t.count + EXCLUDED.count, updated_at = now()
 """
-_TABLES = (
-    ("ap_flush_daily", "analytics_daily", "event_type, day"),
-    ("ap_flush_hourly", "analytics_hourly", "event_type, hour"),
-    ("ap_flush_user_daily", "analytics_user_daily", "user_id, event_type, day"),
-)
-
-
-def _upsert(temp: str, target: str, key: str, *, summed: bool) -> str:
-    return _UPSERT.format(target=target, temp=temp, key=key, columns=f"{key}, count",
-                          select=f"{key}, sum(count)" if summed else f"{key}, count",
-                          group=f"GROUP BY {key}" if summed else "")
-
-
-# (temp table, fast upsert, summing upsert)
-_UPSERTS = tuple((temp, _upsert(temp, target, key, summed=False), _upsert(temp, target, key, summed=True))
-                 for temp, target, key in _TABLES)
+_UPSERTS = {temp: _UPSERT.format(target=target, temp=temp, key=key, columns=f"{key}, count")
+            for temp, target, key in (("ap_flush_daily", "analytics_daily", "event_type, day"),
+                                      ("ap_flush_hourly", "analytics_hourly", "event_type, hour"))}
 
 _COLUMNS = {
     "ap_flush_daily": ["event_type", "day", "count"],
     "ap_flush_hourly": ["event_type", "hour", "count"],
     "ap_flush_user_daily": ["user_id", "event_type", "day", "count"],
+    "ap_flush_user_days": ["day", "user_id"],
+    "ap_flush_last_seen": ["event_type", "user_id", "last_day"],
 }
+COUNTER_TABLES = ("ap_flush_daily", "ap_flush_hourly", "ap_flush_user_daily")
+
+# The per-user rows and both rollups of a unit in ONE statement: every part sees the tables as they
+# were before it (one snapshot), so "does PostgreSQL hold this row / this (day, user) yet" is decided
+# once per row by a key probe and drives everything else:
+#   - rows it does not hold are plain INSERTs (no ON CONFLICT: a speculative insertion per row cost
+#     twice as much; safe because a unit's rows are unique and the pipeline's lock keeps every other
+#     writer out), rows it holds are upserted (count added);
+#   - each new (day, event, user) row and each new (day, user) pair adds 1 to that day's `users`;
+#   - a user whose last day moves forward moves from the old day's `last_seen_users` to the new one.
+# The probes sit in SELECT lists, so they stay per-row index probes (O(unit)) and are never turned into
+# joins that read a whole pipeline's rows.
+_USER_ROWS_SQL = """
+WITH incoming AS MATERIALIZED (
+    SELECT f.day, f.user_id, f.event_type, f.count,
+           EXISTS (SELECT 1 FROM analytics_user_daily u WHERE u.pipeline = $1 AND u.day = f.day
+                      AND u.user_id = f.user_id AND u.event_type = f.event_type) AS known
+      FROM ap_flush_user_daily f
+), day_users AS MATERIALIZED (
+    SELECT f.day, EXISTS (SELECT 1 FROM analytics_user_daily u WHERE u.pipeline = $1 AND u.day = f.day
+                             AND u.user_id = f.user_id) AS known
+      FROM ap_flush_user_days f
+), last_seen AS MATERIALIZED (
+    SELECT f.event_type, f.user_id, f.last_day,
+           (SELECT s.last_day FROM analytics_user_last_seen s
+             WHERE s.pipeline = $1 AND s.event_type = f.event_type AND s.user_id = f.user_id) AS old_day
+      FROM ap_flush_last_seen f
+), inserted AS (
+    INSERT INTO analytics_user_daily (pipeline, day, user_id, event_type, count)
+    SELECT $1, day, user_id, event_type, count FROM incoming WHERE NOT known
+), added AS (
+    INSERT INTO analytics_user_daily AS t (pipeline, day, user_id, event_type, count)
+    SELECT $1, day, user_id, event_type, count FROM incoming WHERE known
+    ON CONFLICT (pipeline, day, user_id, event_type) DO UPDATE SET count = t.count + EXCLUDED.count, updated_at = now()
+), first_seen AS (
+    INSERT INTO analytics_user_last_seen (pipeline, event_type, user_id, last_day)
+    SELECT $1, event_type, user_id, last_day FROM last_seen WHERE old_day IS NULL
+), seen_again AS (
+    INSERT INTO analytics_user_last_seen AS t (pipeline, event_type, user_id, last_day)
+    SELECT $1, event_type, user_id, last_day FROM last_seen WHERE old_day < last_day
+    ON CONFLICT (pipeline, event_type, user_id) DO UPDATE SET last_day = EXCLUDED.last_day
+), deltas (event_type, day, users, last_seen_users) AS (
+    SELECT event_type, day, 1, 0 FROM incoming WHERE NOT known
+    UNION ALL SELECT '', day, 1, 0 FROM day_users WHERE NOT known
+    UNION ALL SELECT event_type, last_day, 0, 1 FROM last_seen WHERE old_day IS NULL OR old_day < last_day
+    UNION ALL SELECT event_type, old_day, 0, -1 FROM last_seen WHERE old_day < last_day
+)
+INSERT INTO analytics_daily_uniques AS t (pipeline, event_type, day, users, last_seen_users)
+SELECT $1, event_type, day, sum(users), sum(last_seen_users) FROM deltas GROUP BY event_type, day
+ON CONFLICT (pipeline, event_type, day) DO UPDATE
+   SET users = t.users + EXCLUDED.users, last_seen_users = t.last_seen_users + EXCLUDED.last_seen_users
+"""
+
+# Recompute one pipeline's rollups from its per-user rows (what schema.sql's back-fill does for every
+# pipeline when it creates the tables).
+_REBUILD_SQL = (
+    "DELETE FROM analytics_user_last_seen WHERE pipeline = $1",
+    "DELETE FROM analytics_daily_uniques WHERE pipeline = $1",
+    """
+    INSERT INTO analytics_user_last_seen (pipeline, event_type, user_id, last_day)
+    SELECT $1, event_type, user_id, max(day) FROM analytics_user_daily WHERE pipeline = $1 GROUP BY event_type, user_id
+    UNION ALL
+    SELECT $1, '', user_id, max(day) FROM analytics_user_daily WHERE pipeline = $1 GROUP BY user_id
+    """,
+    """
+    INSERT INTO analytics_daily_uniques (pipeline, event_type, day, users, last_seen_users)
+    SELECT $1, event_type, day, sum(users), sum(last_seen_users) FROM (
+        SELECT event_type, day, count(*) AS users, 0 AS last_seen_users
+          FROM analytics_user_daily WHERE pipeline = $1 GROUP BY event_type, day
+        UNION ALL
+        SELECT '', day, count(DISTINCT user_id), 0 FROM analytics_user_daily WHERE pipeline = $1 GROUP BY day
+        UNION ALL
+        SELECT event_type, last_day, 0, count(*) FROM analytics_user_last_seen WHERE pipeline = $1
+         GROUP BY event_type, last_day
+    ) AS parts GROUP BY event_type, day
+    """,
+)
 
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
@@ -77,42 +160,82 @@ class ApplyResult:
     rows: int
 
 
+def merged(buckets: list[StagedBucket]) -> list[StagedBucket]:
+    """The buckets with any bucket staged twice summed into one, so every row of a unit is unique."""
+    seen: dict[tuple[str, str], StagedBucket] = {}
+    for staged in buckets:
+        key = (staged.ref.kind, staged.ref.bucket)
+        if key not in seen:
+            seen[key] = staged
+            continue
+        log.warning("bucket %s:%s staged twice in one unit; summing it", *key)
+        total = dict(seen[key].counts)
+        for name, count in staged.counts.items():
+            total[name] = total.get(name, 0) + count
+        seen[key] = StagedBucket(staged.ref, total)
+    return list(seen.values()) if len(seen) < len(buckets) else buckets
+
+
 def rows_of(buckets: list[StagedBucket]) -> dict[str, list[tuple[object, ...]]]:
-    """Temp-table records per temp table for a unit's staged buckets (zero counts dropped)."""
+    """Temp-table records per temp table for a unit's staged buckets (zero counts dropped): the counter
+    rows, and for the rollups the unit's distinct (day, user) pairs and each user's last day in the
+    unit per event type and for any event type (``ANY_EVENT``)."""
     daily: list[tuple[object, ...]] = []
     hourly: list[tuple[object, ...]] = []
     user_daily: list[tuple[object, ...]] = []
+    user_days: list[tuple[object, ...]] = []
+    latest: dict[str, date] = {}  # per-user field (event US user) -> last day with a count
     separator = USER_FIELD_SEPARATOR  # split_user_field(), inlined: this loop sees every counter
-    for staged in buckets:
+    for staged in merged(buckets):
         kind = staged.ref.kind
-        start: datetime = staged.ref.start
         counts = staged.counts
         if kind == "d":
-            day: date = start.date()
+            day = staged.ref.start.date()
             daily += [(field, day, count) for field, count in counts.items() if count]
         elif kind == "h":
+            start = staged.ref.start
             hourly += [(field, start, count) for field, count in counts.items() if count]
         else:
-            day = start.date()
+            day = staged.ref.start.date()
+            users: set[str] = set()
             for field, count in counts.items():
                 if count:
                     event_type, _, user_id = field.partition(separator)
                     user_daily.append((user_id, event_type, day, count))
-    return {"ap_flush_daily": daily, "ap_flush_hourly": hourly, "ap_flush_user_daily": user_daily}
+                    users.add(user_id)
+                    if latest.get(field, day) <= day:
+                        latest[field] = day
+            user_days += [(day, user_id) for user_id in users]
+    last_seen: list[tuple[object, ...]] = []
+    any_event: dict[str, date] = {}
+    for field, day in latest.items():
+        event_type, _, user_id = field.partition(separator)
+        last_seen.append((event_type, user_id, day))
+        if any_event.get(user_id, day) <= day:
+            any_event[user_id] = day
+    last_seen += [(ANY_EVENT, user_id, day) for user_id, day in any_event.items()]
+    return {"ap_flush_daily": daily, "ap_flush_hourly": hourly, "ap_flush_user_daily": user_daily,
+            "ap_flush_user_days": user_days, "ap_flush_last_seen": last_seen}
+
+
+async def lock_pipeline(conn: asyncpg.Connection, pipeline: str) -> None:
+    """Take the pipeline's transaction-scoped advisory lock (released at COMMIT/ROLLBACK)."""
+    await conn.execute(_LOCK_SQL, pipeline)
 
 
 async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buckets: list[StagedBucket],
                      *, in_transaction: Callable[[], Awaitable[None]] | None = None, attempts: int = 5) -> ApplyResult:
-    """Write a unit's counts and its ledger row in ONE transaction; skip everything if the ledger has it.
+    """Write a unit's counts, rollups and ledger row in ONE transaction; skip everything if the ledger has it.
 
     ``in_transaction`` runs after the upserts and before COMMIT (the fault-injection hook).
     Deadlocks/serialization failures between concurrent flushers are retried (safe: the ledger decides).
     """
     records = rows_of(buckets)
-    total_rows = sum(len(rows) for rows in records.values())
+    total_rows = sum(len(records[table]) for table in COUNTER_TABLES)
     for attempt in range(1, attempts + 1):
         try:
             async with conn.transaction():
+                await lock_pipeline(conn, pipeline)
                 inserted = await conn.fetchval(
                     "INSERT INTO analytics_flush_ledger (pipeline, unit_id, run_id, batch, buckets, rows) "
                     "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
@@ -120,10 +243,14 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buck
                 if not inserted:
                     return ApplyResult(False, len(buckets), 0)
                 await conn.execute(_TEMP_TABLES)
-                for table, upsert, summing_upsert in _UPSERTS:
+                for table, rows in records.items():
+                    if rows:
+                        await conn.copy_records_to_table(table, records=rows, columns=_COLUMNS[table])
+                for table, upsert in _UPSERTS.items():
                     if records[table]:
-                        await conn.copy_records_to_table(table, records=records[table], columns=_COLUMNS[table])
-                        await _upsert_rows(conn, upsert, summing_upsert, pipeline)
+                        await conn.execute(upsert, pipeline)
+                if records["ap_flush_user_daily"]:
+                    await conn.execute(_USER_ROWS_SQL, pipeline)
                 if in_transaction is not None:
                     await in_transaction()
             return ApplyResult(True, len(buckets), total_rows)
@@ -135,25 +262,28 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buck
     raise AssertionError("unreachable")
 
 
-async def _upsert_rows(conn: asyncpg.Connection, upsert: str, summing_upsert: str, pipeline: str) -> None:
-    """The fast upsert in a savepoint; the summing one if the unit held the same row twice."""
-    try:
-        async with conn.transaction():
-            await conn.execute(upsert, pipeline)
-    except asyncpg.exceptions.CardinalityViolationError:
-        log.warning("a flush unit held the same row twice; summing its rows instead")
-        await conn.execute(summing_upsert, pipeline)
+async def rebuild_rollups(conn: asyncpg.Connection, pipeline: str) -> None:
+    """Recompute a pipeline's uniques rollups from its per-user rows, in one transaction under its lock.
+
+    Not needed in normal operation (every flush keeps them exact); for rows written by other means
+    (bulk loads, hand edits, an older flusher that ran after the migration)."""
+    async with conn.transaction():
+        await lock_pipeline(conn, pipeline)
+        for statement in _REBUILD_SQL:
+            await conn.execute(statement, pipeline)
 
 
 async def apply_retention(conn: asyncpg.Connection, pipeline: str, retention_days: int,
                           keep_units: list[str]) -> int:
     """Delete this pipeline's rows older than ``retention_days`` and ledger rows older than 30 days.
 
-    Ledger rows of units still in flight are kept, so a recovery never re-applies a unit twice.
-    Returns how many rows were deleted.
+    Ledger rows of units still in flight are kept, so a recovery never re-applies a unit twice. The
+    rollups lose the same days (under the pipeline's lock, like a unit): users whose last day is older
+    are gone from the per-user rows too. Returns how many counter and ledger rows were deleted.
     """
     deleted = 0
     async with conn.transaction():
+        await lock_pipeline(conn, pipeline)
         for statement in (
             "DELETE FROM analytics_daily WHERE pipeline = $1 AND day < current_date - $2::int",
             "DELETE FROM analytics_user_daily WHERE pipeline = $1 AND day < current_date - $2::int",
@@ -162,6 +292,14 @@ async def apply_retention(conn: asyncpg.Connection, pipeline: str, retention_day
         ):
             status = await conn.execute(statement, pipeline, retention_days)
             deleted += int(status.split()[-1])
+        # last_seen rows are found by scanning the pipeline's users: only when the histogram says some
+        # user's last day is old enough, i.e. at most once per day.
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM analytics_daily_uniques WHERE pipeline = $1 "
+                               "AND day < current_date - $2::int AND last_seen_users <> 0)", pipeline, retention_days):
+            await conn.execute("DELETE FROM analytics_user_last_seen WHERE pipeline = $1 "
+                               "AND last_day < current_date - $2::int", pipeline, retention_days)
+        await conn.execute("DELETE FROM analytics_daily_uniques WHERE pipeline = $1 AND day < current_date - $2::int",
+                           pipeline, retention_days)
         status = await conn.execute(
             "DELETE FROM analytics_flush_ledger WHERE pipeline = $1 "
             "AND applied_at < now() - make_interval(days => $2::int) AND NOT (unit_id = ANY($3::text[]))",

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import KIND_OF_GRANULARITY, PIPELINES_SET, PipelineKeys, user_field
+from analytics_pipeline.flusher.store import PIPELINE_TABLES
 
 # (kind, event_type, bucket start) for d/h; ("u", event_type, day, user_id) for per-user rows.
 CounterKey = tuple[Any, ...]
@@ -182,13 +183,56 @@ async def run_cli_async(args: Sequence[str], env: dict[str, str], limit_s: float
     return process.returncode, stdout.decode(), stderr.decode()
 
 
-TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger")
+TABLES = PIPELINE_TABLES
 
 
 async def delete_pipeline_rows(conn: asyncpg.Connection, pipeline: str) -> None:
     """Remove every row of a test pipeline (tests share one database)."""
     for table in TABLES:
         await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
+
+
+# The uniques rollups recomputed from scratch out of analytics_user_daily: what the flusher's
+# incremental maintenance must always equal (schema.sql's back-fill computes them the same way).
+_TRUE_LAST_SEEN = """
+SELECT event_type, user_id, max(day) AS last_day FROM analytics_user_daily WHERE pipeline = $1
+ GROUP BY event_type, user_id
+UNION ALL
+SELECT '', user_id, max(day) FROM analytics_user_daily WHERE pipeline = $1 GROUP BY user_id
+"""
+_TRUE_UNIQUES = """
+SELECT event_type, day, count(*) AS users FROM analytics_user_daily WHERE pipeline = $1 GROUP BY event_type, day
+UNION ALL
+SELECT '', day, count(DISTINCT user_id) FROM analytics_user_daily WHERE pipeline = $1 GROUP BY day
+"""
+
+
+async def rollup_state(conn: asyncpg.Connection, pipeline: str) -> dict[str, dict[tuple[Any, ...], int]]:
+    """The rollups as stored: users per (event, day), last_seen_users per (event, day), last day per user."""
+    uniques = await conn.fetch("SELECT event_type, day, users, last_seen_users FROM analytics_daily_uniques "
+                               "WHERE pipeline = $1", pipeline)
+    seen = await conn.fetch("SELECT event_type, user_id, last_day FROM analytics_user_last_seen WHERE pipeline = $1",
+                            pipeline)
+    return {"users": {(r["event_type"], r["day"]): r["users"] for r in uniques if r["users"]},
+            "last_seen_users": {(r["event_type"], r["day"]): r["last_seen_users"]
+                                for r in uniques if r["last_seen_users"]},
+            "last_day": {(r["event_type"], r["user_id"]): r["last_day"].toordinal() for r in seen}}
+
+
+async def true_rollups(conn: asyncpg.Connection, pipeline: str) -> dict[str, dict[tuple[Any, ...], int]]:
+    """What the rollups must hold, recomputed from the per-user rows."""
+    seen = await conn.fetch(_TRUE_LAST_SEEN, pipeline)
+    histogram: Counter[tuple[Any, ...]] = Counter((r["event_type"], r["last_day"]) for r in seen)
+    return {"users": {(r["event_type"], r["day"]): r["users"] for r in await conn.fetch(_TRUE_UNIQUES, pipeline)},
+            "last_seen_users": dict(histogram),
+            "last_day": {(r["event_type"], r["user_id"]): r["last_day"].toordinal() for r in seen}}
+
+
+async def assert_rollups_exact(conn: asyncpg.Connection, pipeline: str) -> None:
+    """The flusher-maintained rollups equal a recomputation from analytics_user_daily."""
+    stored, truth = await rollup_state(conn, pipeline), await true_rollups(conn, pipeline)
+    for part in ("users", "last_seen_users", "last_day"):
+        assert stored[part] == truth[part], (part, stored[part], truth[part])
 
 
 def today() -> date:

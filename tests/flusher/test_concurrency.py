@@ -10,7 +10,15 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from flushkit import LuaWriter, assert_clean, flush_env, pg_counters, redis_leftovers, run_cli_async
+from flushkit import (
+    LuaWriter,
+    assert_clean,
+    assert_rollups_exact,
+    flush_env,
+    pg_counters,
+    redis_leftovers,
+    run_cli_async,
+)
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
@@ -63,6 +71,7 @@ async def test_two_flushers_and_writers_concurrently(use_lock: bool, redis_url: 
     else:
         assert not any(s.locked for s in runs)
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
     assert_clean(await redis_leftovers(redis_client, keys))
 
 
@@ -82,4 +91,5 @@ async def test_two_flush_processes_without_lock(redis_client: aioredis.Redis, pg
     code, _, err = await run_cli_async(["flush"], env)
     assert code == 0, err
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
     assert_clean(await redis_leftovers(redis_client, keys))

@@ -13,7 +13,15 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from flushkit import LuaWriter, assert_clean, flush_env, pg_counters, redis_leftovers, run_cli_async
+from flushkit import (
+    LuaWriter,
+    assert_clean,
+    assert_rollups_exact,
+    flush_env,
+    pg_counters,
+    redis_leftovers,
+    run_cli_async,
+)
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
@@ -53,6 +61,7 @@ async def test_sigkill_at_every_step_then_exact(fault: str, redis_client: aiored
     summary = json.loads(out.splitlines()[-1])
     assert summary["ok"] and summary["recovered_runs"] == (1 if fault in LEAVES_UNIT else 0)
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
     assert_clean(await redis_leftovers(redis_client, keys))
 
 
@@ -71,4 +80,5 @@ async def test_repeated_crashes_in_recovery_still_exact(redis_client: aioredis.R
     summary = json.loads(out.splitlines()[-1])
     assert summary["recovered_runs"] == 1 and summary["pipelines"][config.pipeline]["skipped_units"] == 1
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
     assert_clean(await redis_leftovers(redis_client, keys))

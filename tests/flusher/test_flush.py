@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import redis.asyncio as aioredis
-from flushkit import LuaWriter, assert_clean, delete_pipeline_rows, pg_counters, redis_leftovers
+from flushkit import (
+    LuaWriter,
+    assert_clean,
+    assert_rollups_exact,
+    delete_pipeline_rows,
+    pg_counters,
+    redis_leftovers,
+)
 from support import make_config
 
 from analytics_pipeline.core.config import Config
@@ -32,11 +39,13 @@ async def test_flush_moves_every_counter_exactly(redis_client: aioredis.Redis, p
     assert stats.units >= 3  # many buckets, batch size 2
     assert stats.rows == len(writer.expected)
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
     assert_clean(await redis_leftovers(redis_client, keys))
     # a second run has nothing to do and changes nothing
     again = await flush_pipeline(redis_client, pg, config, config.pipeline)
     assert (again.units, again.buckets, again.rows) == (0, 0, 0)
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
 
 
 async def test_writes_between_claim_and_cleanup_are_kept(redis_client: aioredis.Redis, pg: asyncpg.Connection,
@@ -55,6 +64,7 @@ async def test_writes_between_claim_and_cleanup_are_kept(redis_client: aioredis.
     assert stats.unflushed_buckets > 0
     await flush_pipeline(redis_client, pg, config, config.pipeline)
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
     assert_clean(await redis_leftovers(redis_client, keys))
 
 
@@ -75,6 +85,7 @@ async def test_run_is_bounded_under_continuous_writes(redis_client: aioredis.Red
     assert claims == stats.units <= 3 * 3 + 3 * 5 + 3  # at most the buckets dirty at the start
     await flush_pipeline(redis_client, pg, config, config.pipeline)
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
 
 
 async def test_recovery_of_a_claimed_unit_and_ledger_skip(redis_client: aioredis.Redis, pg: asyncpg.Connection,
@@ -97,6 +108,7 @@ async def test_recovery_of_a_claimed_unit_and_ledger_skip(redis_client: aioredis
     assert stats.error is None
     assert (stats.recovered_units, stats.recovered_runs, stats.skipped_units) == (2, 2, 1)
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
     assert_clean(await redis_leftovers(redis_client, keys))
 
 
@@ -110,6 +122,7 @@ async def test_lock_held_by_another_flusher_skips(redis_client: aioredis.Redis, 
     stats = await flush_pipeline(redis_client, pg, config, config.pipeline, use_lock=False)
     assert stats.units == 1 and await redis_client.get(keys.lock) == "someone-else"
     assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
 
 
 async def test_lock_released_after_run(redis_client: aioredis.Redis, pg: asyncpg.Connection, config: Config,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -14,15 +15,32 @@ import asyncpg
 import pytest
 from support import REPO
 
-from analytics_pipeline.flusher.migrate import apply_schema, schema_objects, schema_sql
+from analytics_pipeline.flusher.migrate import (
+    RETIRED_INDEXES,
+    USER_DAILY_KEY,
+    apply_schema,
+    schema_objects,
+    schema_sql,
+)
 
-EXPECTED_TABLES = {"analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger"}
+EXPECTED_TABLES = {"analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger",
+                   "analytics_daily_uniques", "analytics_user_last_seen"}
 
 
 def test_installed_package_reads_the_repository_schema() -> None:
     """importlib.resources (editable install) finds core/schema.sql and it is the top-level schema.sql."""
     assert schema_sql() == (REPO / "schema.sql").read_text(encoding="utf-8")
     assert {name for kind, name in schema_objects() if kind == "table"} == EXPECTED_TABLES
+
+
+def test_upgrade_check_matches_the_schema() -> None:
+    """migrate's "is an upgrade pending" check looks for the key and the indexes schema.sql establishes."""
+    sql = schema_sql()
+    table = re.search(r"CREATE TABLE IF NOT EXISTS analytics_user_daily \((.*?)\n\);", sql, re.S)
+    assert table and f"PRIMARY KEY ({', '.join(USER_DAILY_KEY)})" in table.group(1)
+    assert f"IS DISTINCT FROM '{','.join(USER_DAILY_KEY)}'" in sql  # the upgrade block's own check
+    for name in RETIRED_INDEXES:
+        assert f"DROP INDEX {name};" in sql and f"CREATE INDEX IF NOT EXISTS {name}" not in sql
 
 
 def test_built_wheel_contains_the_schema(tmp_path: Path) -> None:
