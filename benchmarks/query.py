@@ -48,6 +48,7 @@ from analytics_pipeline.core.queries import Queries
 from analytics_pipeline.core.services import PostgresServer, RedisServer
 from analytics_pipeline.flusher.db import create_pool
 from analytics_pipeline.flusher.migrate import apply_schema
+from analytics_pipeline.flusher.store import PIPELINE_TABLES, rebuild_rollups
 
 EVENT_TYPES = 20
 USERS = 100_000
@@ -137,7 +138,10 @@ async def generate_postgres(conn: asyncpg.Connection, pipeline: str, days: int, 
         for week in range(0, days, 7):
             await conn.execute(_USER_SQL, pipeline, first_day + timedelta(days=week), min(7, days - week), USERS,
                                EVENT_TYPES, active, EVENTS_PER_USER)
-    for table in ("analytics_hourly", "analytics_daily", "analytics_user_daily"):
+    # the rows went in behind the flusher's back: compute the uniques rollups it would have kept
+    await rebuild_rollups(conn, pipeline)
+    for table in ("analytics_hourly", "analytics_daily", "analytics_user_daily", "analytics_daily_uniques",
+                  "analytics_user_last_seen"):
         await conn.execute(f"VACUUM (ANALYZE) {table}")
     return Dataset(pipeline, first_day, last_pg_day, today, days, active)
 
@@ -298,7 +302,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 if conn is not None:
                     await pool.release(conn)
                 async with pool.acquire() as cleanup:
-                    for table in ("analytics_hourly", "analytics_daily", "analytics_user_daily"):
+                    for table in PIPELINE_TABLES:
                         await cleanup.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
                 await pool.close()
                 await client.aclose()

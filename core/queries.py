@@ -15,6 +15,11 @@ PostgreSQL read would count a unit twice (spike), a commit+cleanup the other way
 
 Commits and cleanups need no seqlock: a unit's staging keys are deleted only after its ledger row is
 committed, and step 2 sees the ledger and the totals in one snapshot. See docs/queries.md.
+
+Distinct users come from the rollups the flusher keeps in the same transactions as the per-user rows
+(``analytics_daily_uniques``, ``analytics_user_last_seen``, see schema.sql): a day's count is one row,
+a range's count a sum over one row per day, and each Redis user is looked up once by key. Only a range
+that ends before the last day with data needs a distinct count over the per-user rows.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .keys import BucketKind, PipelineKeys, day_bucket, days_between, hour_bucke
 
 Granularity = Literal["hour", "day"]
 GRANULARITIES: tuple[Granularity, ...] = ("hour", "day")
+ANY_EVENT = ""  # event_type of the uniques rollups' "any event type" rows (see schema.sql)
 MAX_BUCKETS = 10_000
 T = TypeVar("T")
 
@@ -103,6 +109,30 @@ return 1
 """
 
 _UNIT_PLACEHOLDER = "\x00unit\x00"
+
+# Uniques of event type $2 ('' = any) from day $3 on, in one round trip: the rollup rows (schema.sql),
+# and for the Redis (user, day) pairs $4/$5 what PostgreSQL holds of them, decided by each user's last
+# day in analytics_user_last_seen (one index search per Redis user): none or before the pair's day ->
+# new that day ("redis" rows count them); that day -> already counted; after it (rare: Redis holds
+# recent days) -> returned, the caller probes the per-user rows. The "total" row counts the Redis users
+# whose last day is before $3 (or none): users not yet in the range's last_seen_users.
+_UNIQUES_SQL = """
+WITH pairs AS MATERIALIZED (
+    SELECT r.day, r.user_id, s.last_day
+      FROM unnest($4::text[], $5::date[]) AS r(user_id, day)
+      LEFT JOIN analytics_user_last_seen s
+        ON s.pipeline = $1 AND s.event_type = $2 AND s.user_id = r.user_id AND s.user_id = ANY ($4::text[])
+)
+SELECT 'rollup' AS kind, day, users, last_seen_users, NULL::text[] AS held_later
+  FROM analytics_daily_uniques WHERE pipeline = $1 AND event_type = $2 AND day >= $3
+UNION ALL
+SELECT 'redis', day, count(*) FILTER (WHERE last_day IS NULL OR last_day < day), 0,
+       array_agg(user_id) FILTER (WHERE last_day > day)
+  FROM pairs GROUP BY day
+UNION ALL
+SELECT 'total', NULL, count(DISTINCT user_id) FILTER (WHERE last_day IS NULL OR last_day < $3), 0, NULL
+  FROM pairs
+"""
 
 
 class QueryInputError(ValueError):
@@ -444,10 +474,11 @@ class Queries:
     async def _stored_counts(self, conn: asyncpg.Connection, granularity: Granularity, first: date | datetime,
                              last: date | datetime, event: str | None, user_id: str | None) -> dict[Any, int]:
         if user_id is not None:
+            # the key is day-major (pipeline, day, user_id, event_type): one index probe per day
             sql = ("SELECT day AS b, sum(count)::bigint AS n FROM analytics_user_daily WHERE pipeline = $1 "
-                   "AND user_id = $5 AND day >= $2 AND day <= $3 AND ($4::text IS NULL OR event_type = $4) "
+                   "AND day = ANY($2::date[]) AND user_id = $4 AND ($3::text IS NULL OR event_type = $3) "
                    "GROUP BY day")
-            args: tuple[Any, ...] = (self.keys.pipeline, first, last, event, user_id)
+            args: tuple[Any, ...] = (self.keys.pipeline, days_between(_as_day(first), _as_day(last)), event, user_id)
         else:
             table, column = ("analytics_hourly", "hour") if granularity == "hour" else ("analytics_daily", "day")
             sql = (f"SELECT {column} AS b, sum(count)::bigint AS n FROM {table} WHERE pipeline = $1 "
@@ -458,23 +489,48 @@ class Queries:
 
     async def _stored_uniques(self, conn: asyncpg.Connection, days: list[date], event: str | None,
                               view: RedisView, offset: int) -> tuple[dict[date, int], int]:
-        """Per-day and whole-range distinct users of PostgreSQL rows united with the Redis users in ``view``."""
-        redis_days: list[date] = []
-        redis_users: list[str] = []
+        """Distinct users per day and over all ``days`` (of ``event`` or any event type): PostgreSQL's
+        rollups plus the Redis users of ``view`` PostgreSQL does not hold yet (see ``_UNIQUES_SQL``)."""
+        pipeline, first, last = self.keys.pipeline, days[0], days[-1]
+        pair_users: list[str] = []
+        pair_days: list[date] = []
         for i, day in enumerate(days):
-            for user in view.users(offset + i):
-                redis_days.append(day)
-                redis_users.append(user)
-        rows = await conn.fetch(
-            "WITH u AS ("
-            " SELECT day, user_id FROM analytics_user_daily WHERE pipeline = $1 AND day >= $2 AND day <= $3"
+            users = view.users(offset + i)
+            pair_users += users
+            pair_days += [day] * len(users)
+        per_day: dict[date, int] = {}
+        in_range = redis_total = 0
+        seen_later = False
+        later: list[tuple[date, str]] = []
+        for kind, day, users, last_seen_users, held_later in await conn.fetch(
+                _UNIQUES_SQL, pipeline, event or ANY_EVENT, first, pair_users, pair_days):
+            if kind == "rollup" and day > last:
+                seen_later = seen_later or last_seen_users != 0
+            elif kind == "rollup":
+                per_day[day] = per_day.get(day, 0) + users
+                in_range += last_seen_users
+            elif kind == "redis":
+                per_day[day] = per_day.get(day, 0) + users
+                later += [(day, user) for user in held_later or ()]
+            else:
+                redis_total = users
+        if later:  # Redis (day, user) whose last day in PostgreSQL is after that day: one probe each
+            for row in await conn.fetch(
+                    "SELECT r.day, count(*) AS n FROM unnest($2::date[], $3::text[]) AS r(day, user_id)"
+                    " LEFT JOIN LATERAL (SELECT true AS hit FROM analytics_user_daily u WHERE u.pipeline = $1"
+                    " AND u.day = r.day AND u.user_id = r.user_id AND ($4::text IS NULL OR u.event_type = $4)"
+                    " LIMIT 1) AS stored ON true WHERE stored.hit IS NULL GROUP BY r.day",
+                    pipeline, [day for day, _ in later], [user for _, user in later], event):
+                per_day[row["day"]] += int(row["n"])
+        if not seen_later:
+            return per_day, in_range + redis_total
+        total = await conn.fetchval(  # a past range with users seen after it: count from the per-user rows
+            "SELECT count(DISTINCT user_id) FROM ("
+            " SELECT user_id FROM analytics_user_daily WHERE pipeline = $1 AND day >= $2 AND day <= $3"
             " AND ($4::text IS NULL OR event_type = $4)"
-            " UNION ALL SELECT * FROM unnest($5::date[], $6::text[]))"
-            " SELECT day, count(DISTINCT user_id) AS n FROM u GROUP BY GROUPING SETS ((day), ())",
-            self.keys.pipeline, days[0], days[-1], event, redis_days, redis_users)
-        per_day = {row["day"]: int(row["n"]) for row in rows if row["day"] is not None}
-        total = next((int(row["n"]) for row in rows if row["day"] is None), 0)
-        return per_day, total
+            " UNION ALL SELECT unnest($5::text[])) AS u",
+            pipeline, first, last, event, pair_users)
+        return per_day, int(total)
 
     @staticmethod
     def _grid(rows: Sequence[asyncpg.Record], buckets: Sequence[date | datetime],
