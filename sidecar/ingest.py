@@ -17,6 +17,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from analytics_pipeline.core.events import FieldError, RequestRejected, Shape
 
+from .accepted import AcceptedResponse
 from .appkeys import STATE
 from .committer import CommitFailed
 from .state import SidecarState
@@ -106,7 +107,7 @@ def _handler(shape: Shape) -> Callable[[web.Request], Awaitable[web.Response]]:
             return unavailable(state, "internal_error", "internal error")
         finally:
             state.in_flight -= 1
-        return web.Response(status=202, body=_ACCEPTED % (len(events) - duplicates, duplicates), content_type=_JSON)
+        return AcceptedResponse(_ACCEPTED % (len(events) - duplicates, duplicates))
 
     return ingest
 
