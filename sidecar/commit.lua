@@ -7,8 +7,8 @@
 -- KEYS[4+nd .. 3+nd+nb]     live bucket hashes touched by this batch
 -- KEYS[4+nd+nb ..]          one message-id dedup key per deduplicated event, in order
 -- ARGV[1] ttl seconds   ARGV[2] pipeline   ARGV[3] dedup window seconds
--- ARGV[4] nd            ARGV[5] nb         ARGV[6] na (aggregated triples)
--- ARGV[7 ..]            na triples: bucket number (1..nb), field, increment
+-- ARGV[4] nd            ARGV[5] nb
+-- ARGV[6 ..]            per bucket b = 1..nb: its number of summed fields f, then f pairs: field, increment
 -- then, per deduplicated event: n, followed by n pairs: bucket number, field (increment 1)
 --
 -- Returns {1, ordinals of duplicate events...} when applied, {0} when the token already existed
@@ -18,7 +18,6 @@
 
 local nd = tonumber(ARGV[4])
 local nb = tonumber(ARGV[5])
-local na = tonumber(ARGV[6])
 local boff = 3 + nd
 local moff = boff + nb
 
@@ -43,12 +42,18 @@ if not redis.call('SET', KEYS[3], 'run', 'NX', 'PX', 600000) then
 end
 
 local touched = {}
-local a = 7
-for _ = 1, na do
-  local b = tonumber(ARGV[a])
-  redis.call('HINCRBY', KEYS[boff + b], ARGV[a + 1], ARGV[a + 2])
-  touched[b] = true
-  a = a + 3
+local a = 6
+for b = 1, nb do
+  local f = tonumber(ARGV[a])
+  a = a + 1
+  if f > 0 then
+    local key = KEYS[boff + b]
+    for _ = 1, f do
+      redis.call('HINCRBY', key, ARGV[a], ARGV[a + 1])
+      a = a + 2
+    end
+    touched[b] = true
+  end
 end
 
 local result = {1}
@@ -77,16 +82,26 @@ end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = ARGV[1]
+-- One ZADD per (up to) 500 buckets: unpack() has a stack limit, a batch may span many hours.
+local dirty = {}
 for b = 1, nb do
   if touched[b] then
     local key = KEYS[boff + b]
     redis.call('EXPIRE', key, ttl)
-    redis.call('ZADD', KEYS[1], 'NX', now_ms, key)
+    dirty[#dirty + 1] = now_ms
+    dirty[#dirty + 1] = key
+    if #dirty == 1000 then
+      redis.call('ZADD', KEYS[1], 'NX', unpack(dirty))
+      dirty = {}
+    end
   end
 end
+if #dirty > 0 then
+  redis.call('ZADD', KEYS[1], 'NX', unpack(dirty))
+end
 redis.call('SADD', KEYS[2], ARGV[2])
-for i = 4, 3 + nd do
-  redis.call('DEL', KEYS[i])
+if nd > 0 then
+  redis.call('DEL', unpack(KEYS, 4, 3 + nd))
 end
 redis.call('SET', KEYS[3], 'ok:' .. table.concat(dups, ','), 'PX', 600000)
 return result

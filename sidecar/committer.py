@@ -295,13 +295,14 @@ class GroupCommitter:
                 if u_fields is not None and user is not None:
                     field = f"{name}{separator}{user}"
                     u_fields[field] = u_fields.get(field, 0) + 1
-        sums: list[str | int] = []
-        for number, fields in enumerate(bucket_fields, 1):
-            for field, count in fields.items():
-                sums += (number, field, count)
+        args: list[str | int] = [s.ttl_seconds, self.pipeline, s.dedup_window_seconds or 1, len(done_tokens),
+                                 len(bucket_keys)]
+        for fields in bucket_fields:  # per bucket: how many summed fields, then field, increment, ...
+            args.append(len(fields))
+            for pair in fields.items():
+                args += pair
+        args += msg_args
         keys: list[str] = [self.keys.dirty, PIPELINES_SET, token_key, *done_tokens, *bucket_keys, *msg_keys]
-        args: list[str | int] = [s.ttl_seconds, self.pipeline, s.dedup_window_seconds or 1,
-                                 len(done_tokens), len(bucket_keys), len(sums) // 3, *sums, *msg_args]
         return _Plan(keys, args, msg_owner, total)
 
     async def _write(self, lane: RespConnection, batch: list[_Pending]) -> None:
@@ -365,7 +366,8 @@ class GroupCommitter:
                        release: Callable[[], None]) -> list[int]:
         """Run the script once (reloading it on NOSCRIPT); the duplicate ordinals, or CommitFailed."""
         try:
-            await lane.connect()  # a connection the server closed is seen as such: reconnects
+            if not lane.connected:
+                await lane.connect()  # a connection the server closed is seen as such: reconnects
         except (RedisReplyError, OSError) as error:  # OSError: RedisUnavailable; RedisReplyError: AUTH/SELECT refused
             raise CommitFailed("redis_unavailable", f"cannot connect to Redis: {error}") from None
         for attempt in (1, 2):

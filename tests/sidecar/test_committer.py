@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
@@ -111,3 +111,29 @@ async def test_too_many_pending_events_is_refused(sidecar_config) -> None:
     finally:
         await committer.close()
     assert first.result() == 0
+
+
+async def test_one_commit_spanning_many_hours_dirties_every_bucket(sidecar_config, redis_client: aioredis.Redis,
+                                                                    keys: PipelineKeys) -> None:
+    # 4,200 hours -> ~4,550 buckets in one script: more than Lua's unpack() takes in one call (8,000 values).
+    hours = 4200
+    committer = GroupCommitter(sidecar_config(counters={"ttl_seconds": 180 * 86400}))
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
+    events = [Event("e", f"u{hour}", start + timedelta(hours=hour)) for hour in range(hours)]
+    try:
+        assert await committer.commit(events) == 0
+        assert _sample(committer, "analytics_sidecar_group_commit_requests_count") == 1
+    finally:
+        await committer.close()
+    buckets = {key for key in await pipeline_keys(redis_client, keys) if ":h:" in key or ":d:" in key or ":u:" in key}
+    days = {(start + timedelta(hours=hour)).date() for hour in range(hours)}
+    assert len(buckets) == hours + 2 * len(days)
+    assert set(await redis_client.zrange(keys.dirty, 0, -1)) == buckets
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for key in sorted(buckets):
+            pipe.ttl(key)
+        assert all(0 < ttl <= 180 * 86400 for ttl in await pipe.execute())
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for hour in range(hours):
+            pipe.hget(keys.hourly(start + timedelta(hours=hour)), "e")
+        assert await pipe.execute() == ["1"] * hours
