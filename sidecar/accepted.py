@@ -61,10 +61,15 @@ class AcceptedResponse(web.Response):
         return writer
 
 
+_VERSIONS = (HttpVersion10, HttpVersion11)
+
+
 def _plain(response: web.Response, request: web.BaseRequest) -> bool:
     """True when nothing but this module's fixed headers can end up in the answer."""
-    if (request.method != hdrs.METH_POST or request.version not in (HttpVersion10, HttpVersion11)
-            or response._cookies or response.compression or response.chunked or len(response.headers) != 1):
+    if (request.method != hdrs.METH_POST or request.version not in _VERSIONS or response._cookies
+            or response.compression or response.chunked or len(response.headers) != 1):
         return False
-    match_info = request.match_info
-    return not any(app.on_response_prepare for app in match_info.apps)
+    for app in request.match_info.apps:
+        if app.on_response_prepare:
+            return False
+    return True

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import sys
 
 import aiohttp
 import pytest
@@ -86,3 +88,33 @@ async def test_port_in_use_is_a_clear_error(sidecar_config, caplog: pytest.LogCa
     finally:
         blocker.close()
     assert any(f"cannot listen on 127.0.0.1:{port}" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("choice", "on_uvloop"), [("auto", True), ("asyncio", False)])
+async def test_event_loop_choice(choice: str, on_uvloop: bool, config, redis_client) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("uvloop")
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": config.redis_url, "ANALYTICS_PIPELINE": config.pipeline}
+    env.pop("ANALYTICS_CONFIG", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "analytics_pipeline", "sidecar", "--port", str(port), "--no-reload",
+        "--event-loop", choice, env=env, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                try:
+                    async with session.post(f"http://127.0.0.1:{port}/v1/events", json={"event": "a"}) as answer:
+                        assert answer.status == 202
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                if process.returncode is None:
+                    process.terminate()
+                raise AssertionError(f"the sidecar did not start: {(await process.stderr.read())[-1000:]!r}")
+        with open(f"/proc/{process.pid}/maps", encoding="utf-8") as maps:  # noqa: ASYNC230 - procfs, instant
+            assert ("uvloop" in maps.read()) is on_uvloop
+    finally:
+        if process.returncode is None:
+            process.terminate()
+    assert await asyncio.wait_for(process.wait(), 20) == 0
