@@ -10,9 +10,9 @@ Redis config. Then, per repetition, each server in turn is started as its own pr
 single events and batches of 100, at concurrency 32:
 
 - ``sidecar``         the project: the real ``analytics-pipeline sidecar`` process, which runs on uvloop
-                      when it is installed (the dev venv has it)
-- ``sidecar-asyncio`` the same process with uvloop hidden: asyncio's loop (what the sidecar runs on
-                      where uvloop is not installed); the difference is what uvloop earns
+                      when it is installed (``--event-loop auto``; uvloop is a dependency)
+- ``sidecar-asyncio`` the same process with ``--event-loop asyncio``: the standard library's loop; the
+                      difference is what uvloop earns (and costs in memory)
 - ``naive``           benchmarks/baseline/naive_sidecar.py: per event a MULTI/EXEC pipeline of
                       INCR+EXPIRE x3 and SADD, awaited per request (aiohttp + redis-py)
 - ``ceiling``         benchmarks/baseline/ceiling.py: a POST handler that does nothing (uvloop), and
@@ -76,11 +76,9 @@ class Target:
             console = Path(sys.executable).parent / "analytics-pipeline"
             base = [str(console)] if console.exists() else [sys.executable, "-m", "analytics_pipeline.main"]
             env.update(REDIS_URL=redis_url, ANALYTICS_PIPELINE=pipeline)
-            if self.loop == "asyncio":
-                env["PYTHONPATH"] = str(BASELINE / "no_uvloop")
             # A config file, as every pod has (the operator's ConfigMap); REDIS_URL/ANALYTICS_PIPELINE win.
             return [*base, "sidecar", "--config", str(SIDECAR_CONFIG), "--port", str(port), "--no-reload",
-                    "--log-level", "warning"], env
+                    "--event-loop", "auto" if self.loop == "uvloop" else "asyncio", "--log-level", "warning"], env
         if self.kind == "naive":
             return [sys.executable, str(BASELINE / "naive_sidecar.py"), "--port", str(port), "--redis-url",
                     redis_url, "--pipeline", pipeline], env
