@@ -24,9 +24,9 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
 from analytics_pipeline.core.services import free_port
+from analytics_pipeline.flusher.store import PIPELINE_TABLES
 
 DEFAULT_PORT = 8787
-TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger")
 
 
 class DemoError(RuntimeError):
@@ -160,7 +160,7 @@ async def remove_pipeline_data(client: aioredis.Redis, conn: asyncpg.Connection,
     await client.srem(PIPELINES_SET, pipeline)
     removed_rows = 0
     async with conn.transaction():
-        for table in TABLES:
+        for table in PIPELINE_TABLES:
             status = await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
             removed_rows += int(status.split()[-1])
     return removed_keys, removed_rows

@@ -14,6 +14,8 @@ import asyncpg
 import pytest
 from support import REPO
 
+from analytics_pipeline.flusher.store import PIPELINE_TABLES
+
 DASHBOARD = REPO / "charts" / "analytics-pipeline" / "files" / "grafana-dashboard.json"
 FROM, TO = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 31, 23, 59, 59, tzinfo=UTC)
 
@@ -57,7 +59,7 @@ async def db(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]
     try:
         yield conn, pipeline
     finally:
-        for table in ("analytics_daily", "analytics_hourly", "analytics_user_daily"):
+        for table in PIPELINE_TABLES:
             await conn.execute(f"DELETE FROM {table} WHERE pipeline IN ($1, $2)", pipeline, f"{pipeline}-other")
         await conn.close()
 

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from analytics_pipeline.core.keys import PIPELINES_SET
 from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
+from analytics_pipeline.flusher.store import PIPELINE_TABLES
 from analytics_pipeline.sidecar.dashboard import DashboardProvider, setup_dashboard
 from analytics_pipeline.sidecar.dashboard_model import DashboardData
 
@@ -174,7 +175,6 @@ async def make_client() -> AsyncIterator[Callable[[DashboardProvider], Awaitable
         await client.close()
 
 
-TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger")
 
 
 @pytest.fixture(scope="session")
@@ -206,7 +206,7 @@ async def pg(schema: str, pipeline: str, redis_url: str) -> AsyncIterator[asyncp
     try:
         yield conn
     finally:
-        for table in TABLES:
+        for table in PIPELINE_TABLES:
             await conn.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
         await conn.close()
         client = aioredis.Redis.from_url(redis_url)
