@@ -18,36 +18,60 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from multidict import CIMultiDict
 
-_JSON = "application/json"
+_HEADERS = CIMultiDict({hdrs.CONTENT_TYPE: "application/json"})
 _HEAD = ("HTTP/1.%d 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n"
          f"Server: {SERVER_SOFTWARE}\r\n%s\r\n")
 _KEEP_ALIVE_10 = "Connection: keep-alive\r\n"
 _CLOSE_11 = "Connection: close\r\n"
 
 
+class _HeadCache:
+    """Encoded status line + headers by (HTTP minor version, keep-alive, body length), for the current Date."""
+
+    __slots__ = ("date", "heads")
+
+    def __init__(self) -> None:
+        self.date = ""
+        self.heads: dict[tuple[int, bool, int], bytes] = {}
+
+    def get(self, minor: int, keep_alive: bool, length: int) -> bytes:
+        date = rfc822_formatted_time()  # aiohttp's own, formatted once a second
+        if date != self.date:
+            self.date = date
+            self.heads = {}
+        key = (minor, keep_alive, length)
+        head = self.heads.get(key)
+        if head is None:
+            if keep_alive:
+                connection = _KEEP_ALIVE_10 if minor == 0 else ""
+            else:
+                connection = _CLOSE_11 if minor == 1 else ""
+            head = self.heads[key] = (_HEAD % (minor, length, date, connection)).encode("latin-1")
+        return head
+
+
+_HEADS = _HeadCache()
+
+
 class AcceptedResponse(web.Response):
     """``202 Accepted`` with a JSON body, written in one piece; see the module docstring."""
 
     def __init__(self, body: bytes) -> None:
-        super().__init__(status=202, body=body, content_type=_JSON)
+        super().__init__(status=202, body=body, headers=_HEADERS)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:
             return None
         if self.prepared or not _plain(self, request):
             return await super().prepare(request)
-        version = request.version
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = self._keep_alive = request.keep_alive
-        if keep_alive:
-            connection = _KEEP_ALIVE_10 if version == HttpVersion10 else ""
-        else:
-            connection = _CLOSE_11 if version == HttpVersion11 else ""
         body = self._body
         assert isinstance(body, bytes)
-        data = (_HEAD % (version.minor, len(body), rfc822_formatted_time(), connection)).encode("latin-1") + body
+        data = _HEADS.get(request.version.minor, keep_alive, len(body)) + body
         writer = request.writer
         self._req = request
         self._payload_writer = writer

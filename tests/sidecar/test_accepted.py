@@ -98,3 +98,15 @@ async def test_a_prepare_signal_still_sees_and_changes_the_answer(config: Config
     finally:
         await server.close()
     assert seen == [202] and b"\r\nX-Stamp: 1\r\n" in answer and answer.endswith(b'{"accepted":1,"duplicates":0}')
+
+
+def test_the_date_header_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from analytics_pipeline.sidecar import accepted
+
+    now = ["Sat, 28 Nov 2026 01:00:00 GMT"]
+    monkeypatch.setattr(accepted, "rfc822_formatted_time", lambda: now[0])
+    cache = accepted._HeadCache()
+    assert b"\r\nDate: Sat, 28 Nov 2026 01:00:00 GMT\r\n" in cache.get(1, True, 29)
+    now[0] = "Sat, 28 Nov 2026 01:00:01 GMT"
+    assert b"\r\nDate: Sat, 28 Nov 2026 01:00:01 GMT\r\n" in cache.get(1, True, 29)
+    assert b"\r\nContent-Length: 31\r\n" in cache.get(1, True, 31)
