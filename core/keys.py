@@ -20,7 +20,8 @@ Bookkeeping keys:
     ap:{ns/name}:claimseq        STRING counter bumped by every claim (queries use it as a seqlock)
     ap:{ns/name}:claimhold       ZSET  reader token -> expiry ms; while not empty the flusher does not claim
     ap:{ns/name}:lock            STRING flusher run lock (SET NX PX with a token)
-    ap:pipelines                 SET   every pipeline that has written (lets ``flush --all`` find them)
+    ap:pipelines                 SET   every pipeline that has written (lets ``flush --all`` find them);
+                                       no hash tag, so only ever touched by a command of its own
 """
 
 from __future__ import annotations

@@ -103,11 +103,13 @@ def find_redis_server() -> str:
 class RedisServer:
     """A throwaway redis-server on a free loopback port; stop(), start() and kill() for chaos tests."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(self, directory: Path, *, appendonly: bool = False, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.binary = find_redis_server()
         self.directory = directory
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = extra_args  # e.g. ("--cluster-enabled", "yes") for the Redis Cluster test
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -121,6 +123,7 @@ class RedisServer:
                 "--appendonly", "yes" if self.appendonly else "no"]
         if self.appendonly:
             args += ["--appendfsync", "always"]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port("127.0.0.1", self.port, 15, self.process)
         deadline = time.monotonic() + 15

@@ -86,12 +86,16 @@ class AcceptedResponse(web.Response):
 
 
 _VERSIONS = (HttpVersion10, HttpVersion11)
+# The aiohttp internals the one-piece write sets and reads (checked on aiohttp 3.9-3.14). A future
+# aiohttp without them gets its own general path for every answer instead of an AttributeError.
+_INTERNALS = ("_eof_sent", "_keep_alive", "_body", "_cookies", "_req", "_payload_writer", "_body_length")
+_INTERNALS_PRESENT = all(hasattr(web.Response(body=b""), name) for name in _INTERNALS)
 
 
 def _plain(response: web.Response, request: web.BaseRequest) -> bool:
     """True when nothing but this module's fixed headers can end up in the answer."""
-    if (request.method != hdrs.METH_POST or request.version not in _VERSIONS or response._cookies
-            or response.compression or response.chunked or len(response.headers) != 1):
+    if (not _INTERNALS_PRESENT or request.method != hdrs.METH_POST or request.version not in _VERSIONS
+            or response._cookies or response.compression or response.chunked or len(response.headers) != 1):
         return False
     for app in request.match_info.apps:
         if app.on_response_prepare:

@@ -1,14 +1,15 @@
 -- One group commit of the ingest sidecar: every event of every request in the batch, atomically.
 --
+-- Every key is the pipeline's (one hash tag, so one Redis Cluster slot). The pipeline's entry in
+-- ap:pipelines (another slot) is written by the committer itself, before its first script.
+--
 -- KEYS[1]                   dirty ZSET (bucket key -> ms first dirtied)
--- KEYS[2]                   ap:pipelines SET
--- KEYS[3]                   this commit's fence token
--- KEYS[4 .. 3+nd]           fence tokens of earlier commits whose reply was received (deleted here)
--- KEYS[4+nd .. 3+nd+nb]     live bucket hashes touched by this batch
--- KEYS[4+nd+nb ..]          one message-id dedup key per deduplicated event, in order
--- ARGV[1] ttl seconds   ARGV[2] pipeline   ARGV[3] dedup window seconds
--- ARGV[4] nd            ARGV[5] nb
--- ARGV[6 ..]            per bucket b = 1..nb: its number of summed fields f, then f pairs: field, increment
+-- KEYS[2]                   this commit's fence token
+-- KEYS[3 .. 2+nd]           fence tokens of earlier commits whose reply was received (deleted here)
+-- KEYS[3+nd .. 2+nd+nb]     live bucket hashes touched by this batch
+-- KEYS[3+nd+nb ..]          one message-id dedup key per deduplicated event, in order
+-- ARGV[1] ttl seconds   ARGV[2] dedup window seconds   ARGV[3] nd   ARGV[4] nb
+-- ARGV[5 ..]            per bucket b = 1..nb: its number of summed fields f, then f pairs: field, increment
 -- then, per deduplicated event: n, followed by n pairs: bucket number, field (increment 1)
 --
 -- Returns {1, ordinals of duplicate events...} when applied, {0} when the token already existed
@@ -16,9 +17,9 @@
 -- The token ends up holding "ok:<ordinals>" so a fence after an ambiguous timeout can tell both
 -- that the commit was applied and which of its events were duplicates.
 
-local nd = tonumber(ARGV[4])
-local nb = tonumber(ARGV[5])
-local boff = 3 + nd
+local nd = tonumber(ARGV[3])
+local nb = tonumber(ARGV[4])
+local boff = 2 + nd
 local moff = boff + nb
 
 -- Refuse before writing anything if a key has a foreign type: a script that fails half-way is
@@ -30,19 +31,19 @@ local function expect(key, wanted)
   end
   return nil
 end
-local err = expect(KEYS[1], 'zset') or expect(KEYS[2], 'set')
+local err = expect(KEYS[1], 'zset')
 if err then return err end
 for b = 1, nb do
   err = expect(KEYS[boff + b], 'hash')
   if err then return err end
 end
 
-if not redis.call('SET', KEYS[3], 'run', 'NX', 'PX', 600000) then
+if not redis.call('SET', KEYS[2], 'run', 'NX', 'PX', 600000) then
   return {0}
 end
 
 local touched = {}
-local a = 6
+local a = 5
 for b = 1, nb do
   local f = tonumber(ARGV[a])
   a = a + 1
@@ -59,7 +60,7 @@ end
 local result = {1}
 local dups = {}
 local m = 0
-local window = ARGV[3]
+local window = ARGV[2]
 local last = #ARGV
 while a <= last do
   m = m + 1
@@ -99,9 +100,8 @@ end
 if #dirty > 0 then
   redis.call('ZADD', KEYS[1], 'NX', unpack(dirty))
 end
-redis.call('SADD', KEYS[2], ARGV[2])
 if nd > 0 then
-  redis.call('DEL', unpack(KEYS, 4, 3 + nd))
+  redis.call('DEL', unpack(KEYS, 3, 2 + nd))
 end
-redis.call('SET', KEYS[3], 'ok:' .. table.concat(dups, ','), 'PX', 600000)
+redis.call('SET', KEYS[2], 'ok:' .. table.concat(dups, ','), 'PX', 600000)
 return result

@@ -45,6 +45,7 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 MAX_IN_FLIGHT = 2  # writes outstanding at once; the next batch accumulates behind them
 FENCE_TTL_MS = 600_000  # how long a token (and so a fence) outlives its commit
 MAX_DONE_TOKENS = 256  # tokens of answered commits deleted by the next script
+REGISTER_EVERY_SECONDS = 60.0  # how often the pipeline's ap:pipelines entry is re-written
 # No answer (RespConnection raises OSErrors for these): the command may or may not have run.
 _AMBIGUOUS = (OSError, asyncio.TimeoutError)
 
@@ -120,6 +121,7 @@ class GroupCommitter:
         self._sequence = itertools.count(1)
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._registered_until = 0.0  # monotonic time until which ap:pipelines surely holds us
 
     # -------------------------------------------------------------------------------- public API
     @property
@@ -295,14 +297,13 @@ class GroupCommitter:
                 if u_fields is not None and user is not None:
                     field = f"{name}{separator}{user}"
                     u_fields[field] = u_fields.get(field, 0) + 1
-        args: list[str | int] = [s.ttl_seconds, self.pipeline, s.dedup_window_seconds or 1, len(done_tokens),
-                                 len(bucket_keys)]
+        args: list[str | int] = [s.ttl_seconds, s.dedup_window_seconds or 1, len(done_tokens), len(bucket_keys)]
         for fields in bucket_fields:  # per bucket: how many summed fields, then field, increment, ...
             args.append(len(fields))
             for pair in fields.items():
                 args += pair
         args += msg_args
-        keys: list[str] = [self.keys.dirty, PIPELINES_SET, token_key, *done_tokens, *bucket_keys, *msg_keys]
+        keys: list[str] = [self.keys.dirty, token_key, *done_tokens, *bucket_keys, *msg_keys]
         return _Plan(keys, args, msg_owner, total)
 
     async def _write(self, lane: RespConnection, batch: list[_Pending]) -> None:
@@ -368,8 +369,11 @@ class GroupCommitter:
         try:
             if not lane.connected:
                 await lane.connect()  # a connection the server closed is seen as such: reconnects
+                self._registered_until = 0.0  # Redis may have restarted empty
         except (RedisReplyError, OSError) as error:  # OSError: RedisUnavailable; RedisReplyError: AUTH/SELECT refused
             raise CommitFailed("redis_unavailable", f"cannot connect to Redis: {error}") from None
+        if time.monotonic() >= self._registered_until:
+            await self._register(lane)
         for attempt in (1, 2):
             try:
                 reply = await lane.execute("EVALSHA", SCRIPT_SHA, len(plan.keys), *plan.keys, *plan.args)
@@ -386,6 +390,21 @@ class GroupCommitter:
                 return await self._resolve_ambiguous(token_key, error)
             return self._parse_reply(reply)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _register(self, lane: RespConnection) -> None:
+        """Add the pipeline to ap:pipelines (how ``flush --all`` finds it) before counting anything.
+
+        A separate command, not part of the script: ap:pipelines lives in another Redis Cluster slot
+        than the pipeline's keys. Idempotent, so any failure simply fails this commit (nothing counted).
+        Re-done every REGISTER_EVERY_SECONDS and after a reconnect, in case Redis lost the set.
+        """
+        try:
+            await lane.execute("SADD", PIPELINES_SET, self.pipeline)
+        except RedisReplyError as error:
+            raise CommitFailed("redis_error", f"Redis refused to register the pipeline: {error}") from None
+        except _AMBIGUOUS as error:
+            raise CommitFailed("redis_unavailable", f"Redis unavailable: {error!r}") from None
+        self._registered_until = time.monotonic() + REGISTER_EVERY_SECONDS
 
     async def _load_script(self, lane: RespConnection) -> None:
         try:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from analytics_pipeline.core.config import Config, parse_config
+from analytics_pipeline.core.services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -13,3 +21,34 @@ REPO = Path(__file__).resolve().parents[1]
 def make_config(pipeline: str, redis_url: str, database_url: str, **sections: Any) -> Config:
     """A validated Config for tests; ``sections`` (e.g. ``ingest={...}``) are merged over the defaults."""
     return parse_config({"pipeline": pipeline, "redis_url": redis_url, "database_url": database_url, **sections})
+
+
+def run_demo(redis_url: str, database_url: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """The demo as ``make demo`` runs it (plus quick, JSON, a free port); returns the process and its summary."""
+    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
+    env.pop("ANALYTICS_CONFIG", None)
+    command = Path(sys.executable).parent / "analytics-pipeline"  # the console script `make demo` runs
+    result = subprocess.run([str(command), "demo", "--quick", "--json",
+                             "--port", str(free_port()), *extra],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"stdout must be one JSON object:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result, orjson.loads(lines[0])
+
+
+def flush_env(config: Config, **extra: str) -> dict[str, str]:
+    """Environment for a flusher subprocess pointed at the config's Redis and PostgreSQL."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ANALYTICS_FLUSH_FAULT", "ANALYTICS_CONFIG")}
+    env.update(REDIS_URL=config.redis_url, DATABASE_URL=config.database_url, ANALYTICS_PIPELINE=config.pipeline)
+    env.update(extra)
+    return env
+
+
+async def run_cli_async(args: Sequence[str], env: dict[str, str], limit_s: float = 60) -> tuple[int, str, str]:
+    """``python -m analytics_pipeline <args>`` without blocking the event loop: (returncode, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "analytics_pipeline", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), limit_s)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()

@@ -8,10 +8,7 @@ trust the demo's own report.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import subprocess
-import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,10 +18,9 @@ import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from support import REPO
+from support import run_demo
 
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
-from analytics_pipeline.core.services import free_port
 from analytics_pipeline.demo_check import Tally, Window, compare, expected_tally, storage_split
 from analytics_pipeline.demo_report import box_table
 from analytics_pipeline.demo_stack import DemoError, choose_port, remove_pipeline_data
@@ -32,19 +28,6 @@ from analytics_pipeline.demo_traffic import WINDOW, DemoEvent, build_plan, daily
 from analytics_pipeline.flusher.migrate import apply_schema
 
 NOW = datetime(2026, 11, 27, 15, 30, tzinfo=UTC)
-
-
-def run_demo(redis_url: str, database_url: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """The demo as ``make demo`` runs it (plus quick, JSON, a free port); returns the process and its summary."""
-    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
-    env.pop("ANALYTICS_CONFIG", None)
-    command = Path(sys.executable).parent / "analytics-pipeline"  # the console script `make demo` runs
-    result = subprocess.run([str(command), "demo", "--quick", "--json",
-                             "--port", str(free_port()), *extra],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, f"stdout must be one JSON object:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result, orjson.loads(lines[0])
 
 
 async def stored(redis_url: str, database_url: str, pipeline: str) -> dict[str, Any]:

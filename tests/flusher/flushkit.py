@@ -8,8 +8,6 @@ expected totals it acknowledged, and readers of PostgreSQL totals and Redis left
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -159,28 +157,10 @@ def assert_clean(leftovers: dict[str, list[str]]) -> None:
     assert leftovers == {"staging": [], "units": [], "inflight": [], "dirty": []}, leftovers
 
 
-def flush_env(config: Config, **extra: str) -> dict[str, str]:
-    """Environment for a flusher subprocess pointed at the config's Redis and PostgreSQL."""
-    env = {k: v for k, v in os.environ.items() if k not in ("ANALYTICS_FLUSH_FAULT", "ANALYTICS_CONFIG")}
-    env.update(REDIS_URL=config.redis_url, DATABASE_URL=config.database_url, ANALYTICS_PIPELINE=config.pipeline)
-    env.update(extra)
-    return env
-
-
 def run_cli(args: Sequence[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``python -m analytics_pipeline <args>`` as a subprocess (blocking)."""
     return subprocess.run([sys.executable, "-m", "analytics_pipeline", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-async def run_cli_async(args: Sequence[str], env: dict[str, str], limit_s: float = 60) -> tuple[int, str, str]:
-    """``python -m analytics_pipeline <args>`` without blocking the event loop: (returncode, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "analytics_pipeline", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await asyncio.wait_for(process.communicate(), limit_s)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 TABLES = PIPELINE_TABLES

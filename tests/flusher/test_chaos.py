@@ -12,16 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from flushkit import (
-    LuaWriter,
-    assert_clean,
-    delete_pipeline_rows,
-    flush_env,
-    pg_counters,
-    redis_leftovers,
-    run_cli_async,
-)
-from support import make_config
+from flushkit import LuaWriter, assert_clean, delete_pipeline_rows, pg_counters, redis_leftovers
+from support import flush_env, make_config, run_cli_async
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys

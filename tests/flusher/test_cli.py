@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from flushkit import LuaWriter, delete_pipeline_rows, flush_env, pg_counters, run_cli_async
-from support import make_config
+from flushkit import LuaWriter, delete_pipeline_rows, pg_counters
+from support import flush_env, make_config, run_cli_async
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys

@@ -13,15 +13,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from flushkit import (
-    LuaWriter,
-    assert_clean,
-    assert_rollups_exact,
-    flush_env,
-    pg_counters,
-    redis_leftovers,
-    run_cli_async,
-)
+from flushkit import LuaWriter, assert_clean, assert_rollups_exact, pg_counters, redis_leftovers
+from support import flush_env, run_cli_async
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys

@@ -15,16 +15,8 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from flushkit import (
-    LuaWriter,
-    assert_rollups_exact,
-    delete_pipeline_rows,
-    flush_env,
-    pg_counters,
-    rollup_state,
-    run_cli_async,
-)
-from support import make_config
+from flushkit import LuaWriter, assert_rollups_exact, delete_pipeline_rows, pg_counters, rollup_state
+from support import flush_env, make_config, run_cli_async
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import BucketRef, PipelineKeys, day_bucket, user_field

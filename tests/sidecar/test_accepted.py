@@ -73,6 +73,20 @@ async def test_same_bytes_as_aiohttp(start_sidecar: SidecarFactory, config: Conf
     assert ours[0][0].startswith(f"HTTP/{version} 202 Accepted\r\n".encode())
 
 
+async def test_an_aiohttp_without_the_internals_gets_its_general_path(
+        start_sidecar: SidecarFactory, config: Config, redis_client, reference_port: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from analytics_pipeline.sidecar import accepted
+
+    monkeypatch.setattr(accepted, "_INTERNALS_PRESENT", False)
+    written: list[bytes] = []
+    monkeypatch.setattr(accepted._HeadCache, "get", lambda *args: written.append(b"") or b"")  # must not be used
+    sidecar = await start_sidecar(config)
+    ours = await exchange(sidecar.server.port, request())  # type: ignore[arg-type]
+    assert ours == await exchange(reference_port, request())
+    assert written == []
+
+
 async def test_pipelined_requests_are_answered_in_order_on_one_connection(
         start_sidecar: SidecarFactory, config: Config, redis_client, reference_port: int) -> None:
     sidecar = await start_sidecar(config)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from sidecar_helpers import pipeline_keys
 
 from analytics_pipeline.core.events import Event
@@ -137,3 +138,18 @@ async def test_one_commit_spanning_many_hours_dirties_every_bucket(sidecar_confi
         for hour in range(hours):
             pipe.hget(keys.hourly(start + timedelta(hours=hour)), "e")
         assert await pipe.execute() == ["1"] * hours
+
+
+async def test_script_keys_share_one_redis_cluster_slot(sidecar_config) -> None:
+    """Every key the commit script declares carries the pipeline's hash tag (no CROSSSLOT on Redis Cluster)."""
+    committer = GroupCommitter(sidecar_config())
+    try:
+        loop = asyncio.get_running_loop()
+        then = datetime.now(UTC) - timedelta(days=3)
+        events = [*_events(2), *_events(2, message="m1"), Event("b", "u2", then, "m2")]
+        keys = committer.keys
+        plan = committer._plan([(events, loop.create_future())], keys.group_commit("t"), [keys.group_commit("old")])
+        assert len(plan.keys) >= 2 + 1 + 6 + 2  # dirty, token, one answered token, buckets of two days, two messages
+        assert {key_slot(key.encode()) for key in plan.keys} == {key_slot(keys.dirty.encode())}
+    finally:
+        await committer.close()
