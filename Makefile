@@ -28,7 +28,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Benchmarks print figures (docs/PERFORMANCE.md); they are never part of `make test`.
+# Benchmarks print figures (docs/PERFORMANCE.md); they are never part of `make test`. Their scripts
+# import benchlib from their own folder, which PYTHONSAFEPATH would take off sys.path (an empty value
+# counts as unset; the repo root is not on their path, so operator/ shadows nothing).
+bench: export PYTHONSAFEPATH =
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/flush.py $(BENCH_ARGS)
