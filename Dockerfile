@@ -13,7 +13,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Every dependency ships binary wheels for CPython 3.11 (asyncpg, hiredis, orjson, pydantic-core),
+# Every dependency ships binary wheels for CPython 3.11 (asyncpg, hiredis, orjson, uvloop),
 # so no compiler is needed; --only-binary keeps it that way instead of silently building from source.
 # schema.sql: core/schema.sql is a symlink to it.
 COPY pyproject.toml README.md schema.sql ./

@@ -296,8 +296,8 @@ class Demo:
         self.services = services
         self.clock = clock
         self.pipeline = f"demo/shop-{secrets.token_hex(3)}"
-        self.config = base.model_copy(update={"pipeline": self.pipeline, "redis_url": services.redis_url,
-                                              "database_url": services.database_url})
+        self.config = base.replace(pipeline=self.pipeline, redis_url=services.redis_url,
+                                   database_url=services.database_url)
         self.events = args.events or (QUICK_EVENTS if args.quick else DEFAULT_EVENTS)
         self.users = args.users or (QUICK_USERS if args.quick else DEFAULT_USERS)
         self.seed = args.seed if args.seed is not None else secrets.randbelow(1_000_000)

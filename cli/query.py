@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             PipelineKeys(args.pipeline)
         except ValueError as error:
             raise ConfigError(f"--pipeline: {error}") from None
-        config = config.model_copy(update={"pipeline": args.pipeline})
+        config = config.replace(pipeline=args.pipeline)
     try:
         body, table = asyncio.run(_query(args, config))
     except QueryInputError as error:

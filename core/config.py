@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Granularity = Literal["daily", "hourly", "user_daily"]
 ALL_GRANULARITIES: tuple[Granularity, ...] = ("daily", "hourly", "user_daily")
@@ -32,127 +33,216 @@ ENV_OVERRIDES = {"REDIS_URL": ("redis_url",), "DATABASE_URL": ("database_url",),
 
 
 class ConfigError(Exception):
-    """A configuration that cannot be used; the message names the bad key and how to fix it."""
+    """A configuration that cannot be used; the message names the bad key and how to fix it.
+
+    ``key`` is the path of the bad key (``("server", "port")``, ``()`` for the whole config),
+    ``reason`` what is wrong with it, ``value`` the value found (``MISSING`` when there is none).
+    """
+
+    def __init__(self, message: str, key: tuple[str, ...] = (), reason: str = "", value: Any = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.reason = reason or message
+        self.value = value
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Invalid(ValueError):
+    """One bad value found while building the model: where, why and what was there."""
+
+    def __init__(self, key: tuple[str, ...], reason: str, value: Any = MISSING) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+        self.value = value
 
 
-class CountersConfig(_Section):
+def limits(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           min_items: int | None = None, doc: str = "") -> Any:
+    """A dataclass field with bounds the loader enforces (and the CRD schema test compares against)."""
+    metadata = {name: bound for name, bound in (("ge", ge), ("gt", gt), ("le", le), ("min_items", min_items))
+                if bound is not None}
+    if doc:
+        metadata["doc"] = doc
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class CountersConfig:
     """How live counters are kept in Redis."""
 
-    ttl_seconds: int = Field(7 * 86400, ge=3600, le=366 * 86400, description="TTL of every live Redis bucket")
-    granularities: tuple[Granularity, ...] = Field(ALL_GRANULARITIES, min_length=1)
+    ttl_seconds: int = limits(7 * 86400, ge=3600, le=366 * 86400, doc="TTL of every live Redis bucket")
+    granularities: tuple[Granularity, ...] = limits(ALL_GRANULARITIES, min_items=1)
 
-    @field_validator("granularities")
-    @classmethod
-    def _unique(cls, value: tuple[Granularity, ...]) -> tuple[Granularity, ...]:
-        if len(set(value)) != len(value):
-            raise ValueError("each granularity may be listed once")
-        return value
+    def __post_init__(self) -> None:
+        if len(set(self.granularities)) != len(self.granularities):
+            raise _Invalid(("granularities",), "each granularity may be listed once", list(self.granularities))
 
 
-class IngestConfig(_Section):
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
     """Limits applied by the sidecar before anything is counted (defaults after Segment's)."""
 
-    max_event_bytes: int = Field(32 * 1024, ge=256, le=16 * 1024 * 1024)
-    max_request_bytes: int = Field(500 * 1024, ge=1024, le=64 * 1024 * 1024)
-    max_batch_events: int = Field(2500, ge=1, le=100_000)
-    max_name_length: int = Field(128, ge=1, le=1024)
-    max_id_length: int = Field(256, ge=1, le=4096)
-    max_future_seconds: int = Field(300, ge=0, le=86400)
+    max_event_bytes: int = limits(32 * 1024, ge=256, le=16 * 1024 * 1024)
+    max_request_bytes: int = limits(500 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_batch_events: int = limits(2500, ge=1, le=100_000)
+    max_name_length: int = limits(128, ge=1, le=1024)
+    max_id_length: int = limits(256, ge=1, le=4096)
+    max_future_seconds: int = limits(300, ge=0, le=86400)
     # None means "the counter TTL": an older event would land in a bucket that may already be gone.
-    max_past_seconds: int | None = Field(None, ge=60)
-    dedup_window_seconds: int = Field(86400, ge=0, le=30 * 86400, description="0 disables message_id dedup")
+    max_past_seconds: int | None = limits(None, ge=60)
+    dedup_window_seconds: int = limits(86400, ge=0, le=30 * 86400, doc="0 disables message_id dedup")
 
 
-class ServerConfig(_Section):
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
     """Where the sidecar listens and how it batches Redis writes."""
 
     host: str = "127.0.0.1"
-    port: int = Field(8787, ge=0, le=65535)
-    group_commit_window_ms: float = Field(2.0, ge=0, le=1000)
-    group_commit_max_events: int = Field(5000, ge=1, le=1_000_000)
-    redis_timeout_seconds: float = Field(2.0, gt=0, le=60)
-    retry_after_seconds: int = Field(1, ge=1, le=3600)
-    shutdown_timeout_seconds: float = Field(20.0, gt=0, le=600)
+    port: int = limits(8787, ge=0, le=65535)
+    group_commit_window_ms: float = limits(2.0, ge=0, le=1000)
+    group_commit_max_events: int = limits(5000, ge=1, le=1_000_000)
+    redis_timeout_seconds: float = limits(2.0, gt=0, le=60)
+    retry_after_seconds: int = limits(1, ge=1, le=3600)
+    shutdown_timeout_seconds: float = limits(20.0, gt=0, le=600)
 
 
-class FlushConfig(_Section):
+@dataclass(frozen=True, slots=True)
+class FlushConfig:
     """How the flusher moves counters into PostgreSQL."""
 
-    batch_size: int = Field(1000, ge=1, le=1_000_000, description="buckets claimed per transaction")
-    retention_days: int = Field(400, ge=1, le=36500)
+    batch_size: int = limits(1000, ge=1, le=1_000_000, doc="buckets claimed per transaction")
+    retention_days: int = limits(400, ge=1, le=36500)
     # Short, and extended every ttl/3 while a run lasts: a killed flusher blocks the next run briefly.
-    lock_ttl_seconds: int = Field(60, ge=5, le=86400)
-    statement_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    lock_ttl_seconds: int = limits(60, ge=5, le=86400)
+    statement_timeout_seconds: float = limits(60.0, gt=0, le=3600)
 
 
-class Config(_Section):
-    """Everything one pipeline's components need to know."""
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything one pipeline's components need to know (build it with :func:`parse_config`)."""
 
     pipeline: str = DEFAULT_PIPELINE
     redis_url: str = DEFAULT_REDIS_URL
     database_url: str = DEFAULT_DATABASE_URL
-    counters: CountersConfig = CountersConfig()
-    ingest: IngestConfig = IngestConfig()
-    server: ServerConfig = ServerConfig()
-    flush: FlushConfig = FlushConfig()
+    counters: CountersConfig = field(default_factory=CountersConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    flush: FlushConfig = field(default_factory=FlushConfig)
 
-    @field_validator("pipeline")
-    @classmethod
-    def _pipeline_name(cls, value: str) -> str:
-        if "/" not in value:
-            value = f"default/{value}"
-        if not PIPELINE_RE.match(value):
-            raise ValueError(
-                "must be '<namespace>/<name>' in lower-case letters, digits and '-' (e.g. 'default/web')"
-            )
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
-
-    @field_validator("database_url")
-    @classmethod
-    def _pg_scheme(cls, value: str) -> str:
-        if not value.startswith(("postgres://", "postgresql://")):
-            raise ValueError("must start with postgresql://")
-        return value
-
-    @model_validator(mode="after")
-    def _window_within_ttl(self) -> Config:
+    def __post_init__(self) -> None:
+        pipeline = self.pipeline if "/" in self.pipeline else f"default/{self.pipeline}"
+        if not PIPELINE_RE.match(pipeline):
+            raise _Invalid(("pipeline",), "must be '<namespace>/<name>' in lower-case letters, digits and '-' "
+                           "(e.g. 'default/web')", self.pipeline)
+        object.__setattr__(self, "pipeline", pipeline)
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise _Invalid(("redis_url",), "must start with redis://, rediss:// or unix://", self.redis_url)
+        if not self.database_url.startswith(("postgres://", "postgresql://")):
+            raise _Invalid(("database_url",), "must start with postgresql://", self.database_url)
         past = self.ingest.max_past_seconds
         if past is not None and past > self.counters.ttl_seconds:
-            raise ValueError(
-                f"ingest.max_past_seconds ({past}) exceeds counters.ttl_seconds "
-                f"({self.counters.ttl_seconds}): such events would land in buckets that may already have expired"
-            )
-        return self
+            raise _Invalid((), f"ingest.max_past_seconds ({past}) exceeds counters.ttl_seconds "
+                           f"({self.counters.ttl_seconds}): such events would land in buckets that may already "
+                           "have expired")
 
     @property
     def max_past_seconds(self) -> int:
         """How old an event's timestamp may be: the configured window, else the counter TTL."""
         return self.ingest.max_past_seconds or self.counters.ttl_seconds
 
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied, validated like a file (ConfigError names the bad key)."""
+        return parse_config({**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-serialisable form (lists for tuples); ``parse_config`` reads it back."""
+        return _plain(self)
+
     def to_file_dict(self) -> dict[str, Any]:
         """The YAML-serialisable form without connection strings (those come from env/Secrets)."""
-        return self.model_dump(mode="json", exclude={"redis_url", "database_url"})
+        data = self.as_dict()
+        del data["redis_url"], data["database_url"]
+        return data
 
 
-def _format_error(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; see README 'Configuration')"
-    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{source}: {key}: {message}{more}"
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def _scalar(kind: Any, value: Any, key: tuple[str, ...]) -> Any:
+    """``value`` as the scalar type ``kind`` (int, float, str, or a Literal), or _Invalid."""
+    if get_origin(kind) is Literal:
+        if value not in get_args(kind):
+            choices = ", ".join(repr(choice) for choice in get_args(kind))
+            raise _Invalid(key, f"must be one of {choices}", value)
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise _Invalid(key, f"must be a string, got {_describe(value)}", value)
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        noun = "an integer" if kind is int else "a number"
+        raise _Invalid(key, f"must be {noun}, got {_describe(value)}", value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise _Invalid(key, f"must be an integer, got {value!r}", value)
+        return int(value)
+    return float(value)
+
+
+def _check_bounds(metadata: Mapping[str, Any], value: Any, key: tuple[str, ...]) -> None:
+    for name, words, broken in (("ge", "greater than or equal to", lambda v, b: v < b),
+                                ("gt", "greater than", lambda v, b: v <= b),
+                                ("le", "less than or equal to", lambda v, b: v > b)):
+        bound = metadata.get(name)
+        if bound is not None and broken(value, bound):
+            raise _Invalid(key, f"must be {words} {bound} (got {value!r})", value)
+
+
+def _value(kind: Any, metadata: Mapping[str, Any], value: Any, key: tuple[str, ...]) -> Any:
+    """Convert and check one field's value against its annotation and bounds."""
+    if is_dataclass(kind):
+        return _build(kind, value, key)
+    args = get_args(kind)
+    if get_origin(kind) in (UnionType, Union) and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(arg for arg in args if arg is not type(None))
+    if get_origin(kind) is tuple:  # tuple[X, ...]
+        if not isinstance(value, list | tuple):
+            raise _Invalid(key, f"must be a list, got {_describe(value)}", value)
+        minimum = metadata.get("min_items")
+        if minimum is not None and len(value) < minimum:
+            raise _Invalid(key, f"must list at least {minimum} item(s)", list(value))
+        return tuple(_scalar(args[0], item, (*key, str(index))) for index, item in enumerate(value))
+    converted = _scalar(kind, value, key)
+    _check_bounds(metadata, converted, key)
+    return converted
+
+
+def _build(cls: Any, data: Any, key: tuple[str, ...] = ()) -> Any:
+    """An instance of the dataclass ``cls`` from a mapping, or _Invalid naming the first bad key."""
+    if not isinstance(data, Mapping):
+        raise _Invalid(key, f"must be a mapping of keys, got {_describe(data)}", data)
+    known = {f.name: f for f in fields(cls)}
+    for name in data:
+        if name not in known:
+            raise _Invalid((*key, str(name)), "unknown key (check the spelling; see README 'Configuration')",
+                           data[name])
+    hints = get_type_hints(cls)
+    values = {name: _value(hints[name], known[name].metadata, data[name], (*key, name)) for name in data}
+    try:
+        return cls(**values)
+    except _Invalid as invalid:  # a cross-field check: its key is relative to this section
+        raise _Invalid((*key, *invalid.key), invalid.reason, invalid.value) from None
 
 
 def parse_config(data: Mapping[str, Any] | None, source: str = "config") -> Config:
@@ -162,9 +252,12 @@ def parse_config(data: Mapping[str, Any] | None, source: str = "config") -> Conf
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
     try:
-        return Config.model_validate(dict(data))
-    except ValidationError as error:
-        raise ConfigError(_format_error(error, source)) from None
+        config: Config = _build(Config, data)
+    except _Invalid as invalid:
+        name = ".".join(invalid.key) or "(top level)"
+        raise ConfigError(f"{source}: {name}: {invalid.reason}", invalid.key, invalid.reason,
+                          invalid.value) from None
+    return config
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -12,13 +12,12 @@ import copy
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
-from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.config import Config, ConfigError, parse_config
 
 from . import crd
 
@@ -348,11 +347,9 @@ def build_config(namespace: str, name: str, spec: Mapping[str, Any]) -> Config:
             data.setdefault(section, {})[key] = value
     _int(spec, "sidecar", "port")  # tighter than Config's range (0 = any port makes no sense behind a probe)
     try:
-        return Config.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        loc = tuple(str(part) for part in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
+        return parse_config(data, source="spec")
+    except ConfigError as error:
+        loc, message = error.key, error.reason
         # Speak the spec's language: config keys in the message become the spec fields they come from.
         named = sorted((message.find(".".join(target)), path) for path, target in CONFIG_FIELDS.items()
                        if ".".join(target) in message)
@@ -362,7 +359,7 @@ def build_config(namespace: str, name: str, spec: Mapping[str, Any]) -> Config:
         if spec_path is None and named:
             spec_path = named[0][1]
         field = ".".join(spec_path) if spec_path else ".".join(loc) or "(spec)"
-        got = f" (got {first['input']!r})" if loc else ""
+        got = f" (got {error.value!r})" if loc and "(got " not in message and error.value is not MISSING else ""
         raise InvalidSpec(field, f"{message}{got}") from None
 
 

@@ -37,7 +37,7 @@ def effective_config(args: argparse.Namespace) -> Config:
         server["port"] = args.port
     if not server:
         return config
-    data = config.model_dump(mode="json")
+    data = config.as_dict()
     data["server"] = {**data["server"], **server}
     return parse_config(data, source="command line")
 

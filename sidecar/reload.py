@@ -44,7 +44,7 @@ def apply_config(app: web.Application, config: Config) -> list[str]:
     old = app[CONFIG]
     ignored = [key for key in RESTART_KEYS if _get(old, key) != _get(config, key)]
     if ignored:
-        config = config.model_copy(update={"pipeline": old.pipeline, "redis_url": old.redis_url})
+        config = config.replace(pipeline=old.pipeline, redis_url=old.redis_url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # aiohttp warns on changing a started app
         app[CONFIG] = config

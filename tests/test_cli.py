@@ -54,7 +54,7 @@ def test_sidecar_help_names_its_options(capsys: pytest.CaptureFixture[str]) -> N
 
 @pytest.mark.parametrize(("content", "words"), [
     ("counters:\n  ttl: 5\n", "counters.ttl: unknown key"),
-    ("server:\n  port: eighty\n", "server.port: Input should be a valid integer"),
+    ("server:\n  port: eighty\n", "server.port: must be an integer, got 'eighty'"),
     ("server: [unclosed\n", "not valid YAML"),
     ("- a list\n", "top level must be a mapping"),
     ("counters:\n  granularities: [weekly]\n", "counters.granularities.0"),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-import pydantic
 import pytest
 
 from analytics_pipeline.core.config import (
@@ -66,6 +66,13 @@ def test_bare_pipeline_name_gets_default_namespace() -> None:
     ({"ingest": {"max_batch_events": 0}}, "ingest.max_batch_events", "greater than or equal to 1"),
     ({"ingest": {"max_past_seconds": 999999999}, "counters": {"ttl_seconds": 7200}}, "(top level)",
      "exceeds counters.ttl_seconds"),
+    ({"server": {"port": True}}, "server.port", "must be an integer, got True (bool)"),
+    ({"server": {"port": 80.5}}, "server.port", "integer"),
+    ({"server": {"port": None}}, "server.port", "integer"),
+    ({"server": {"host": 5}}, "server.host", "must be a string"),
+    ({"server": {"redis_timeout_seconds": 0}}, "server.redis_timeout_seconds", "greater than 0 (got 0.0)"),
+    ({"counters": "big"}, "counters", "must be a mapping"),
+    ({"counters": {"granularities": "daily"}}, "counters.granularities", "must be a list"),
 ])
 def test_validation_names_the_key(data: dict, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -96,8 +103,27 @@ def test_bad_files(tmp_path: Path) -> None:
 
 def test_config_is_frozen_and_file_dict_has_no_secrets() -> None:
     config = parse_config({"redis_url": "redis://:secret@r:6379/0"})
-    with pytest.raises(pydantic.ValidationError):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.pipeline = "x/y"  # type: ignore[misc]
     as_file = config.to_file_dict()
     assert "redis_url" not in as_file and "database_url" not in as_file
     assert parse_config(as_file).counters == config.counters
+
+
+def test_numbers_are_normalised_and_optional_fields_take_null() -> None:
+    config = parse_config({"server": {"port": 8080.0, "group_commit_window_ms": 3},
+                           "ingest": {"max_past_seconds": None}, "counters": {"granularities": ["daily"]}})
+    assert config.server.port == 8080 and isinstance(config.server.port, int)
+    assert config.server.group_commit_window_ms == 3.0 and isinstance(config.server.group_commit_window_ms, float)
+    assert config.ingest.max_past_seconds is None and config.counters.granularities == ("daily",)
+
+
+def test_replace_validates_and_as_dict_round_trips() -> None:
+    config = parse_config({"pipeline": "shop/web", "counters": {"ttl_seconds": 7200}})
+    assert config.replace(pipeline="other").pipeline == "default/other"
+    assert config.replace(pipeline="other").counters == config.counters
+    with pytest.raises(ConfigError) as error:
+        config.replace(pipeline="Not Valid")
+    assert error.value.key == ("pipeline",) and "<namespace>/<name>" in error.value.reason
+    assert parse_config(config.as_dict()) == config
+    assert config.as_dict()["counters"]["granularities"] == ["daily", "hourly", "user_daily"]

@@ -87,7 +87,7 @@ async def test_dashboard_shows_postgres_totals_plus_unflushed_redis(config: Conf
 
 async def test_missing_tables_give_a_503_that_says_to_migrate(config: Config, schema: str, parse):
     # A search_path without our tables: the queries fail the way they do before the first migration.
-    broken = config.model_copy(update={"database_url": f"{schema}?search_path=dashboard_no_such_schema"})
+    broken = config.replace(database_url=f"{schema}?search_path=dashboard_no_such_schema")
     app = create_app(broken)
     async with TestClient(TestServer(app)) as client:
         response = await client.get("/")
@@ -98,7 +98,7 @@ async def test_missing_tables_give_a_503_that_says_to_migrate(config: Config, sc
 
 
 async def test_unreachable_redis_gives_a_503_page(config: Config, schema: str, parse):
-    app = create_app(config.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+    app = create_app(config.replace(redis_url="redis://127.0.0.1:1/0"))
     async with TestClient(TestServer(app)) as client:
         response = await client.get("/?refresh=15")
         assert response.status == 503

@@ -59,7 +59,7 @@ async def test_ingest_probes_and_metrics_do_not_load_the_read_path(config: Confi
     script = tmp_path / "lazy.py"
     script.write_text(SCRIPT % {"heavy": HEAVY})
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), json.dumps(config.model_dump(mode="json")), cwd=REPO,
+        sys.executable, str(script), json.dumps(config.as_dict()), cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, stderr.decode()[-2000:]
