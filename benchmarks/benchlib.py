@@ -108,7 +108,7 @@ def uses_uvloop(pid: int) -> bool:
 
 
 def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (peak resident set) of a process, in MB."""
+    """VmRSS and VmHWM (peak resident set) of a process, in MiB (kB / 1024; the names say mb for brevity)."""
     found: dict[str, float] = {}
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:

@@ -256,7 +256,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         print(f"  {size:>9,} counters rep {rep}: fill {run.fill_seconds:5.1f}s  "
                               f"flush {run.seconds:6.2f}s {run.rows_per_s:>9,.0f} rows/s  {run.units} unit(s), "
                               f"{run.buckets} buckets  "
-                              f"peak RSS {run.peak_rss_mb:.0f} MB  [{'OK' if run.verified else 'FAIL'}]  {split}",
+                              f"peak RSS {run.peak_rss_mb:.0f} MiB  [{'OK' if run.verified else 'FAIL'}]  {split}",
                               flush=True)
                         for problem in run.problems:
                             print(f"      FAIL {problem}")
@@ -277,7 +277,7 @@ def report(runs: list[FlushRun], sizes: list[int]) -> None:
                      str(mine[0].units), str(mine[0].buckets), s([r.peak_rss_mb for r in mine]).show("{:.0f}"),
                      "yes" if all(r.verified for r in mine) else "NO"])
     print("Medians over repetitions, (min..max):")
-    print(benchlib.table(["counters", "flush s", "rows/s", "units", "buckets", "peak RSS MB", "totals exact"], rows))
+    print(benchlib.table(["counters", "flush s", "rows/s", "units", "buckets", "peak RSS MiB", "totals exact"], rows))
     print()
     for size in sizes:
         mine = [r for r in runs if r.size == size]
