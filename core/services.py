@@ -51,6 +51,14 @@ def _wait_port(host: str, port: int, timeout: float, process: subprocess.Popen[b
     raise ServiceError(f"nothing answered on {host}:{port} after {timeout:.0f}s")
 
 
+def _log_tail(path: Path, lines: int = 3) -> str:
+    """The last lines of a server's log, on one line (for error messages)."""
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:]) or "(empty)"
+    except OSError:
+        return f"(no log at {path})"
+
+
 # ----------------------------------------------------------------------------------------- probes
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """True if a Redis server at ``url`` answers PING."""
@@ -125,7 +133,11 @@ class RedisServer:
             args += ["--appendfsync", "always"]
         args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port("127.0.0.1", self.port, 15, self.process)
+        try:
+            _wait_port("127.0.0.1", self.port, 15, self.process)
+        except ServiceError as error:
+            raise ServiceError(f"redis-server: {error}; its log ends with: {_log_tail(self.directory / 'redis.log')}") \
+                from None
         deadline = time.monotonic() + 15
         while not redis_answers(self.url):
             if time.monotonic() > deadline:

@@ -22,7 +22,7 @@ from support import flush_env, make_config, run_cli_async, run_demo
 
 from analytics_pipeline.core.events import Event
 from analytics_pipeline.core.keys import PIPELINES_SET
-from analytics_pipeline.core.services import RedisServer
+from analytics_pipeline.core.services import RedisServer, free_port
 from analytics_pipeline.demo_stack import remove_pipeline_data
 from analytics_pipeline.sidecar.committer import GroupCommitter
 
@@ -30,8 +30,10 @@ from analytics_pipeline.sidecar.committer import GroupCommitter
 @pytest.fixture
 def cluster_node(tmp_path: Path) -> Iterator[RedisServer]:
     """A single-node Redis Cluster serving every slot."""
+    # The cluster bus defaults to port + 10000, past 65535 for half of the free ports: name it.
     server = RedisServer(tmp_path / "cluster", extra_args=(
-        "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "cluster" / "nodes.conf"))).start()
+        "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "cluster" / "nodes.conf"),
+        "--cluster-port", str(free_port()))).start()
     try:
         client = redis.Redis.from_url(server.url)
         client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
