@@ -39,7 +39,7 @@ class ConfigError(Exception):
     ``reason`` what is wrong with it, ``value`` the value found (``MISSING`` when there is none).
     """
 
-    def __init__(self, message: str, key: tuple[str, ...] = (), reason: str = "", value: Any = None) -> None:
+    def __init__(self, message: str, key: tuple[str, ...] = (), reason: str = "", value: Any = MISSING) -> None:
         super().__init__(message)
         self.key = key
         self.reason = reason or message
@@ -222,7 +222,8 @@ def _value(kind: Any, metadata: Mapping[str, Any], value: Any, key: tuple[str, .
         minimum = metadata.get("min_items")
         if minimum is not None and len(value) < minimum:
             raise _Invalid(key, f"must list at least {minimum} item(s)", list(value))
-        return tuple(_scalar(args[0], item, (*key, str(index))) for index, item in enumerate(value))
+        item_kind = get_args(kind)[0]
+        return tuple(_scalar(item_kind, item, (*key, str(index))) for index, item in enumerate(value))
     converted = _scalar(kind, value, key)
     _check_bounds(metadata, converted, key)
     return converted
