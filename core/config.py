@@ -8,6 +8,7 @@ they come from Secrets.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -188,14 +189,30 @@ def _scalar(kind: Any, value: Any, key: tuple[str, ...]) -> Any:
         if not isinstance(value, str):
             raise _Invalid(key, f"must be a string, got {_describe(value)}", value)
         return value
+    if isinstance(value, str):  # a quoted number ("8080"), as YAML and Helm values often have them
+        value = _number_from_text(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         noun = "an integer" if kind is int else "a number"
         raise _Invalid(key, f"must be {noun}, got {_describe(value)}", value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Invalid(key, f"must be a finite number, got {value!r}", value)
     if kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise _Invalid(key, f"must be an integer, got {value!r}", value)
         return int(value)
     return float(value)
+
+
+def _number_from_text(text: str) -> Any:
+    """``text`` as an int or a finite float when it spells one, else ``text`` unchanged."""
+    stripped = text.strip()
+    if re.fullmatch(r"[+-]?\d+", stripped):
+        return int(stripped)
+    try:
+        number = float(stripped)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
 
 
 def _check_bounds(metadata: Mapping[str, Any], value: Any, key: tuple[str, ...]) -> None:

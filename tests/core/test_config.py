@@ -68,6 +68,9 @@ def test_bare_pipeline_name_gets_default_namespace() -> None:
      "exceeds counters.ttl_seconds"),
     ({"server": {"port": True}}, "server.port", "must be an integer, got True (bool)"),
     ({"server": {"port": 80.5}}, "server.port", "integer"),
+    ({"server": {"port": "80.5"}}, "server.port", "must be an integer, got 80.5"),
+    ({"server": {"redis_timeout_seconds": "nan"}}, "server.redis_timeout_seconds", "must be a number, got 'nan'"),
+    ({"server": {"redis_timeout_seconds": float("inf")}}, "server.redis_timeout_seconds", "finite number"),
     ({"server": {"port": None}}, "server.port", "integer"),
     ({"server": {"host": 5}}, "server.host", "must be a string"),
     ({"server": {"redis_timeout_seconds": 0}}, "server.redis_timeout_seconds", "greater than 0 (got 0.0)"),
@@ -111,6 +114,8 @@ def test_config_is_frozen_and_file_dict_has_no_secrets() -> None:
 
 
 def test_numbers_are_normalised_and_optional_fields_take_null() -> None:
+    quoted = parse_config({"server": {"port": "8080", "group_commit_window_ms": " 2.5 "}})
+    assert quoted.server.port == 8080 and quoted.server.group_commit_window_ms == 2.5
     config = parse_config({"server": {"port": 8080.0, "group_commit_window_ms": 3},
                            "ingest": {"max_past_seconds": None}, "counters": {"granularities": ["daily"]}})
     assert config.server.port == 8080 and isinstance(config.server.port, int)
