@@ -197,8 +197,10 @@ class PipelineFlush:
         """Read → apply (one transaction, ledger-guarded) → clean up; the unit stays in flight until cleanup."""
         buckets = await self.staging.read_unit(unit_id)
         await self._step("after_read")
-        result = await apply_unit(self.conn, self.keys.pipeline, unit_id, buckets,
-                                  in_transaction=lambda: self._step("in_transaction"))
+        applying = apply_unit(self.conn, self.keys.pipeline, unit_id, buckets,
+                              in_transaction=lambda: self._step("in_transaction"))
+        del buckets  # the coroutine holds the only reference, so it can free the counts once it has rows
+        result = await applying
         await self._step("after_commit")
         await self.staging.cleanup(unit_id)
         await self._step("after_cleanup")

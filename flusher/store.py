@@ -184,7 +184,8 @@ def rows_of(buckets: list[StagedBucket]) -> dict[str, list[tuple[object, ...]]]:
     hourly: list[tuple[object, ...]] = []
     user_daily: list[tuple[object, ...]] = []
     user_days: list[tuple[object, ...]] = []
-    latest: dict[str, date] = {}  # per-user field (event US user) -> last day with a count
+    latest: dict[tuple[str, str], date] = {}  # (event type, user) -> last day with a count
+    names: dict[str, str] = {}  # one string object per event type, not one per counter (memory)
     separator = USER_FIELD_SEPARATOR  # split_user_field(), inlined: this loop sees every counter
     for staged in merged(buckets):
         kind = staged.ref.kind
@@ -201,15 +202,16 @@ def rows_of(buckets: list[StagedBucket]) -> dict[str, list[tuple[object, ...]]]:
             for field, count in counts.items():
                 if count:
                     event_type, _, user_id = field.partition(separator)
+                    event_type = names.setdefault(event_type, event_type)
                     user_daily.append((user_id, event_type, day, count))
                     users.add(user_id)
-                    if latest.get(field, day) <= day:
-                        latest[field] = day
+                    pair = (event_type, user_id)
+                    if latest.get(pair, day) <= day:
+                        latest[pair] = day
             user_days += [(day, user_id) for user_id in users]
     last_seen: list[tuple[object, ...]] = []
     any_event: dict[str, date] = {}
-    for field, day in latest.items():
-        event_type, _, user_id = field.partition(separator)
+    for (event_type, user_id), day in latest.items():
         last_seen.append((event_type, user_id, day))
         if any_event.get(user_id, day) <= day:
             any_event[user_id] = day
@@ -231,6 +233,8 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buck
     Deadlocks/serialization failures between concurrent flushers are retried (safe: the ledger decides).
     """
     records = rows_of(buckets)
+    bucket_count = len(buckets)
+    del buckets  # the counts are in ``records`` now; with the caller's reference gone they are freed
     total_rows = sum(len(records[table]) for table in COUNTER_TABLES)
     for attempt in range(1, attempts + 1):
         try:
@@ -239,9 +243,9 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buck
                 inserted = await conn.fetchval(
                     "INSERT INTO analytics_flush_ledger (pipeline, unit_id, run_id, batch, buckets, rows) "
                     "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
-                    pipeline, unit_id, run_id_of(unit_id), batch_of(unit_id), len(buckets), total_rows)
+                    pipeline, unit_id, run_id_of(unit_id), batch_of(unit_id), bucket_count, total_rows)
                 if not inserted:
-                    return ApplyResult(False, len(buckets), 0)
+                    return ApplyResult(False, bucket_count, 0)
                 await conn.execute(_TEMP_TABLES)
                 for table, rows in records.items():
                     if rows:
@@ -253,7 +257,7 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buck
                     await conn.execute(_USER_ROWS_SQL, pipeline)
                 if in_transaction is not None:
                     await in_transaction()
-            return ApplyResult(True, len(buckets), total_rows)
+            return ApplyResult(True, bucket_count, total_rows)
         except _RETRYABLE as error:
             if attempt == attempts:
                 raise
