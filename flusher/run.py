@@ -194,13 +194,12 @@ class PipelineFlush:
                 await asyncio.sleep(0.01)
 
     async def _process(self, unit_id: str) -> None:
-        """Read → apply (one transaction, ledger-guarded) → clean up; the unit stays in flight until cleanup."""
-        buckets = await self.staging.read_unit(unit_id)
+        """Open → apply (one transaction, ledger-guarded, reading the unit in chunks) → clean up; the unit
+        stays in flight until cleanup."""
+        unit = await self.staging.open_unit(unit_id)  # its keys and sizes; counts are read chunk by chunk
         await self._step("after_read")
-        applying = apply_unit(self.conn, self.keys.pipeline, unit_id, buckets,
-                              in_transaction=lambda: self._step("in_transaction"))
-        del buckets  # the coroutine holds the only reference, so it can free the counts once it has rows
-        result = await applying
+        result = await apply_unit(self.conn, self.keys.pipeline, unit_id, unit,
+                                  in_transaction=lambda: self._step("in_transaction"))
         await self._step("after_commit")
         await self.staging.cleanup(unit_id)
         await self._step("after_cleanup")

@@ -9,6 +9,7 @@ one hash tag, so the scripts also run on Redis Cluster).
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -92,6 +93,9 @@ return {now - oldest, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
 """
 
 
+READ_CHUNK_FIELDS = 50_000  # counters per read chunk: ~20 MB of Python objects at a time
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -106,6 +110,37 @@ class StagedBucket:
 
     ref: BucketRef
     counts: dict[str, int]
+
+
+@dataclass
+class UnitReader:
+    """A claimed unit, read from Redis a chunk of buckets at a time so that the flusher's memory is
+    bounded by the chunk (and the largest single bucket), not by the unit. Readable any number of
+    times: staging keys never change once claimed (a retried transaction reads them again)."""
+
+    staging: Staging
+    unit_id: str
+    staged_keys: list[str]
+    sizes: list[int]  # HLEN of each staged key, when opened
+
+    @property
+    def bucket_count(self) -> int:
+        return len(self.staged_keys)
+
+    async def chunks(self, max_fields: int | None = None) -> AsyncIterator[list[StagedBucket]]:
+        """Consecutive groups of staged buckets holding at most ``max_fields`` (default
+        ``READ_CHUNK_FIELDS``) counters, or one bucket that alone holds more."""
+        max_fields = max_fields or READ_CHUNK_FIELDS
+        chunk: list[str] = []
+        fields = 0
+        for key, size in zip(self.staged_keys, self.sizes, strict=True):
+            if chunk and fields + size > max_fields:
+                yield await self.staging.read_buckets(self.unit_id, chunk)
+                chunk, fields = [], 0
+            chunk.append(key)
+            fields += size
+        if chunk:
+            yield await self.staging.read_buckets(self.unit_id, chunk)
 
 
 @dataclass
@@ -181,10 +216,21 @@ class Staging:
         return Claim(unit_id, int(reply[0]), [_text(key) for key in reply[1:]])
 
     async def read_unit(self, unit_id: str) -> list[StagedBucket]:
-        """The staged buckets of a unit with their counts (staging keys never change once claimed)."""
+        """The staged buckets of a unit with their counts, all at once (the flusher reads in chunks)."""
+        unit = await self.open_unit(unit_id)
+        return [bucket async for chunk in unit.chunks() for bucket in chunk]
+
+    async def open_unit(self, unit_id: str) -> UnitReader:
+        """A claimed unit's staging keys and their sizes, for reading it a chunk at a time."""
         staged_keys = sorted(_text(key) for key in await self.client.smembers(self.keys.unit(unit_id)))
-        if not staged_keys:
-            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in staged_keys:
+                pipe.hlen(key)
+            sizes = [int(size) for size in await pipe.execute()] if staged_keys else []
+        return UnitReader(self, unit_id, staged_keys, sizes)
+
+    async def read_buckets(self, unit_id: str, staged_keys: list[str]) -> list[StagedBucket]:
+        """Some staged buckets of a unit with their counts (staging keys never change once claimed)."""
         async with self.client.pipeline(transaction=False) as pipe:
             for key in staged_keys:
                 pipe.hgetall(key)

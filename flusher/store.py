@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date
 
 import asyncpg
 
 from analytics_pipeline.core.keys import USER_FIELD_SEPARATOR
 
-from .staging import StagedBucket, batch_of, run_id_of
+from .staging import StagedBucket, UnitReader, batch_of, run_id_of
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,8 @@ CREATE TEMP TABLE IF NOT EXISTS ap_flush_last_seen (event_type text, user_id tex
 """
 
 # Daily and hourly counts: one upsert per table (small: event types x buckets). ORDER BY makes the
-# index inserts sequential; rows of a unit are unique (rows_of merges buckets staged twice).
+# index inserts sequential; rows of a unit are unique (counter_rows merges buckets staged twice; one
+# bucket cannot be in two chunks of a unit: its staging key is unique).
 _UPSERT = """
 INSERT INTO {target} AS t (pipeline, {columns})
 SELECT $1, {columns} FROM {temp} ORDER BY {key}
@@ -71,6 +71,16 @@ _COLUMNS = {
     "ap_flush_last_seen": ["event_type", "user_id", "last_day"],
 }
 COUNTER_TABLES = ("ap_flush_daily", "ap_flush_hourly", "ap_flush_user_daily")
+
+# The rollups' inputs, from the unit's per-user rows once all of them are COPYed: its distinct
+# (day, user) pairs, and each user's last day in the unit per event type and for any event type.
+_ROLLUP_INPUTS_SQL = """
+INSERT INTO ap_flush_user_days (day, user_id) SELECT DISTINCT day, user_id FROM ap_flush_user_daily;
+INSERT INTO ap_flush_last_seen (event_type, user_id, last_day)
+SELECT event_type, user_id, max(day) FROM ap_flush_user_daily GROUP BY event_type, user_id
+UNION ALL
+SELECT '', user_id, max(day) FROM ap_flush_user_daily GROUP BY user_id;
+"""
 
 # The per-user rows and both rollups of a unit in ONE statement: every part sees the tables as they
 # were before it (one snapshot), so "does PostgreSQL hold this row / this (day, user) yet" is decided
@@ -176,15 +186,13 @@ def merged(buckets: list[StagedBucket]) -> list[StagedBucket]:
     return list(seen.values()) if len(seen) < len(buckets) else buckets
 
 
-def rows_of(buckets: list[StagedBucket]) -> dict[str, list[tuple[object, ...]]]:
-    """Temp-table records per temp table for a unit's staged buckets (zero counts dropped): the counter
-    rows, and for the rollups the unit's distinct (day, user) pairs and each user's last day in the
-    unit per event type and for any event type (``ANY_EVENT``)."""
+def counter_rows(buckets: list[StagedBucket]) -> dict[str, list[tuple[object, ...]]]:
+    """Temp-table records of staged buckets per counter temp table (zero counts dropped). The rollup
+    inputs (distinct (day, user) pairs, each user's last day) are derived from them in SQL
+    (``_ROLLUP_INPUTS_SQL``), so a unit can be read and COPYed a chunk at a time."""
     daily: list[tuple[object, ...]] = []
     hourly: list[tuple[object, ...]] = []
     user_daily: list[tuple[object, ...]] = []
-    user_days: list[tuple[object, ...]] = []
-    latest: dict[tuple[str, str], date] = {}  # (event type, user) -> last day with a count
     names: dict[str, str] = {}  # one string object per event type, not one per counter (memory)
     separator = USER_FIELD_SEPARATOR  # split_user_field(), inlined: this loop sees every counter
     for staged in merged(buckets):
@@ -198,26 +206,11 @@ def rows_of(buckets: list[StagedBucket]) -> dict[str, list[tuple[object, ...]]]:
             hourly += [(field, start, count) for field, count in counts.items() if count]
         else:
             day = staged.ref.start.date()
-            users: set[str] = set()
             for field, count in counts.items():
                 if count:
                     event_type, _, user_id = field.partition(separator)
-                    event_type = names.setdefault(event_type, event_type)
-                    user_daily.append((user_id, event_type, day, count))
-                    users.add(user_id)
-                    pair = (event_type, user_id)
-                    if latest.get(pair, day) <= day:
-                        latest[pair] = day
-            user_days += [(day, user_id) for user_id in users]
-    last_seen: list[tuple[object, ...]] = []
-    any_event: dict[str, date] = {}
-    for (event_type, user_id), day in latest.items():
-        last_seen.append((event_type, user_id, day))
-        if any_event.get(user_id, day) <= day:
-            any_event[user_id] = day
-    last_seen += [(ANY_EVENT, user_id, day) for user_id, day in any_event.items()]
-    return {"ap_flush_daily": daily, "ap_flush_hourly": hourly, "ap_flush_user_daily": user_daily,
-            "ap_flush_user_days": user_days, "ap_flush_last_seen": last_seen}
+                    user_daily.append((user_id, names.setdefault(event_type, event_type), day, count))
+    return {"ap_flush_daily": daily, "ap_flush_hourly": hourly, "ap_flush_user_daily": user_daily}
 
 
 async def lock_pipeline(conn: asyncpg.Connection, pipeline: str) -> None:
@@ -225,36 +218,43 @@ async def lock_pipeline(conn: asyncpg.Connection, pipeline: str) -> None:
     await conn.execute(_LOCK_SQL, pipeline)
 
 
-async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buckets: list[StagedBucket],
+async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, unit: list[StagedBucket] | UnitReader,
                      *, in_transaction: Callable[[], Awaitable[None]] | None = None, attempts: int = 5) -> ApplyResult:
     """Write a unit's counts, rollups and ledger row in ONE transaction; skip everything if the ledger has it.
 
+    ``unit`` is either its buckets or a :class:`UnitReader`, which is read from Redis a chunk at a
+    time inside the transaction: the flusher then holds one chunk, never the whole unit.
     ``in_transaction`` runs after the upserts and before COMMIT (the fault-injection hook).
     Deadlocks/serialization failures between concurrent flushers are retried (safe: the ledger decides).
     """
-    records = rows_of(buckets)
-    bucket_count = len(buckets)
-    del buckets  # the counts are in ``records`` now; with the caller's reference gone they are freed
-    total_rows = sum(len(records[table]) for table in COUNTER_TABLES)
+    bucket_count = unit.bucket_count if isinstance(unit, UnitReader) else len(unit)
     for attempt in range(1, attempts + 1):
         try:
             async with conn.transaction():
                 await lock_pipeline(conn, pipeline)
                 inserted = await conn.fetchval(
                     "INSERT INTO analytics_flush_ledger (pipeline, unit_id, run_id, batch, buckets, rows) "
-                    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
-                    pipeline, unit_id, run_id_of(unit_id), batch_of(unit_id), bucket_count, total_rows)
+                    "VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT DO NOTHING RETURNING 1",
+                    pipeline, unit_id, run_id_of(unit_id), batch_of(unit_id), bucket_count)
                 if not inserted:
                     return ApplyResult(False, bucket_count, 0)
                 await conn.execute(_TEMP_TABLES)
-                for table, rows in records.items():
-                    if rows:
-                        await conn.copy_records_to_table(table, records=rows, columns=_COLUMNS[table])
+                copied = dict.fromkeys(COUNTER_TABLES, 0)
+                async for chunk in _chunks(unit):
+                    for table, rows in counter_rows(chunk).items():
+                        if rows:
+                            await conn.copy_records_to_table(table, records=rows, columns=_COLUMNS[table])
+                            copied[table] += len(rows)
+                    del chunk
                 for table, upsert in _UPSERTS.items():
-                    if records[table]:
+                    if copied[table]:
                         await conn.execute(upsert, pipeline)
-                if records["ap_flush_user_daily"]:
+                if copied["ap_flush_user_daily"]:
+                    await conn.execute(_ROLLUP_INPUTS_SQL)
                     await conn.execute(_USER_ROWS_SQL, pipeline)
+                total_rows = sum(copied.values())
+                await conn.execute("UPDATE analytics_flush_ledger SET rows = $3 WHERE pipeline = $1 AND unit_id = $2",
+                                   pipeline, unit_id, total_rows)
                 if in_transaction is not None:
                     await in_transaction()
             return ApplyResult(True, bucket_count, total_rows)
@@ -264,6 +264,15 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, buck
             log.warning("unit %s: %s; retrying (%d/%d)", unit_id, type(error).__name__, attempt, attempts)
             await asyncio.sleep(0.05 * attempt)
     raise AssertionError("unreachable")
+
+
+async def _chunks(unit: list[StagedBucket] | UnitReader) -> AsyncIterator[list[StagedBucket]]:
+    """The unit's buckets in chunks: as read from Redis, or all at once when already in memory."""
+    if isinstance(unit, UnitReader):
+        async for chunk in unit.chunks():
+            yield chunk
+    elif unit:
+        yield unit
 
 
 async def rebuild_rollups(conn: asyncpg.Connection, pipeline: str) -> None:

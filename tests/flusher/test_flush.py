@@ -228,3 +228,33 @@ async def test_lock_is_extended_while_a_run_lasts(redis_client: aioredis.Redis, 
     stats = await flush_pipeline(redis_client, pg, short, config.pipeline, hook=slow)
     assert stats.error is None and not stats.lock_lost
     assert remaining[0] > 4000  # without the extension it would be below 2800
+
+
+async def test_a_unit_is_read_in_chunks_of_bounded_size(redis_client: aioredis.Redis, pg: asyncpg.Connection,
+                                                        config: Config, writer: LuaWriter, keys: PipelineKeys,
+                                                        monkeypatch) -> None:
+    """The flusher never holds a whole unit: it reads it a few buckets (at most N counters, or one
+    bigger bucket) at a time inside the unit's transaction, and the totals and rollups stay exact."""
+    from analytics_pipeline.flusher import staging as staging_module
+
+    await writer.write(events(400, types=4, users=60, hours=30))  # daily, hourly, per-user over 2 days
+    reads: list[int] = []
+    original = Staging.read_buckets
+
+    async def counting(self: Staging, unit_id: str, staged_keys: list[str]) -> list:
+        buckets = await original(self, unit_id, staged_keys)
+        reads.append(sum(len(bucket.counts) for bucket in buckets))
+        return buckets
+
+    monkeypatch.setattr(staging_module, "READ_CHUNK_FIELDS", 40)
+    monkeypatch.setattr(Staging, "read_buckets", counting)
+    sizes = {key: await redis_client.hlen(key) for key in await redis_client.zrange(keys.dirty, 0, -1)}
+    stats = await flush_pipeline(redis_client, pg, config, config.pipeline)  # one unit: default batch size
+    assert stats.error is None and stats.units == 1 and stats.rows == len(writer.expected)
+    assert sum(reads) == sum(sizes.values()) and len(reads) > 3
+    assert max(reads) <= max(40, *sizes.values())
+    assert all(read <= 40 or read in sizes.values() for read in reads)  # over 40 only as a single bucket
+    assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
+    ledger = await pg.fetchrow("SELECT buckets, rows FROM analytics_flush_ledger WHERE pipeline = $1", config.pipeline)
+    assert (ledger["buckets"], ledger["rows"]) == (len(sizes), len(writer.expected))
