@@ -67,8 +67,6 @@ _COLUMNS = {
     "ap_flush_daily": ["event_type", "day", "count"],
     "ap_flush_hourly": ["event_type", "hour", "count"],
     "ap_flush_user_daily": ["user_id", "event_type", "day", "count"],
-    "ap_flush_user_days": ["day", "user_id"],
-    "ap_flush_last_seen": ["event_type", "user_id", "last_day"],
 }
 COUNTER_TABLES = ("ap_flush_daily", "ap_flush_hourly", "ap_flush_user_daily")
 
@@ -245,7 +243,7 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, unit
                         if rows:
                             await conn.copy_records_to_table(table, records=rows, columns=_COLUMNS[table])
                             copied[table] += len(rows)
-                    del chunk
+                    del chunk  # before the next chunk is read: one chunk in memory, not two
                 for table, upsert in _UPSERTS.items():
                     if copied[table]:
                         await conn.execute(upsert, pipeline)
