@@ -1,7 +1,8 @@
 """Fault injection for crash tests: ``ANALYTICS_FLUSH_FAULT=<step>[:<n>]`` SIGKILLs the flusher right after
 the n-th time (default first) it passes ``step``.
 
-Steps, in protocol order: ``after_lock``, ``after_recover``, ``after_claim``, ``after_read``,
+Steps, in protocol order: ``after_lock``, ``after_recover``, ``after_claim``, ``after_read`` (unit opened,
+its transaction not begun),
 ``in_transaction`` (upserts done, COMMIT not sent), ``after_commit`` (before the Redis cleanup),
 ``after_cleanup``, ``after_retention``. Unset (the normal case) it costs one dict lookup per step.
 """
