@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/flush.py                    # 10k, 100k, 1M; 3 repetitions each (~3 min)
     .venv/bin/python benchmarks/flush.py --quick            # 10k and 100k, once (~20 s)
     .venv/bin/python benchmarks/flush.py --database-url postgresql://postgres@127.0.0.1:5432/test
+    .venv/bin/python benchmarks/flush.py --sizes 1000000 --days 1   # one bucket of ~1M counters
 
 Redis is a throwaway ``RedisServer``; PostgreSQL a throwaway ``PostgresServer`` (fsync off, like the
 test harness) unless ``--database-url`` names one (the benchmark's rows are deleted afterwards).
 Each repetition fills a fresh pipeline with exactly what the sidecar writes (bucket hashes with
 their TTL, the dirty ZSET scored in ms, ``ap:pipelines``), pipelined HSETs of 1,000 fields: 20 event
-types over the last 7 days, daily (140 counters) and hourly (3,360) buckets, the rest per-user
+types over the last 7 days (``--days``), daily (140 counters) and hourly (3,360) buckets, the rest per-user
 daily fields (event type + user id) spread over the 7 days. Then one flush runs in this process
 through ``flusher.run.PipelineFlush`` (the code the ``flush`` command runs) with the default batch
 size, and its step hook times each phase: wall time, this process's CPU and Redis's CPU per phase,
@@ -92,11 +93,11 @@ class FlushRun:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-async def fill(client: aioredis.Redis, keys: PipelineKeys, counters: int, ttl: int) -> Filled:
+async def fill(client: aioredis.Redis, keys: PipelineKeys, counters: int, ttl: int, day_count: int = DAYS) -> Filled:
     """Write ``counters`` distinct counters like the sidecar does; returns the expected totals."""
     started = time.monotonic()
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    days = [today - timedelta(days=n) for n in range(DAYS)]
+    days = [today - timedelta(days=n) for n in range(day_count)]
     hashes: dict[str, dict[str, int]] = {}
     result = Filled(counters)
     made = 0
@@ -115,10 +116,10 @@ async def fill(client: aioredis.Redis, keys: PipelineKeys, counters: int, ttl: i
     if made > counters:
         raise SystemExit(f"at least {made} counters are needed for the daily and hourly buckets")
     remaining = counters - made
-    result.rows = {"analytics_daily": DAYS * len(EVENT_TYPES), "analytics_hourly": DAYS * 24 * len(EVENT_TYPES),
-                   "analytics_user_daily": remaining}
+    result.rows = {"analytics_daily": day_count * len(EVENT_TYPES),
+                   "analytics_hourly": day_count * 24 * len(EVENT_TYPES), "analytics_user_daily": remaining}
     for index, day in enumerate(days):
-        share = remaining // DAYS + (1 if index < remaining % DAYS else 0)
+        share = remaining // day_count + (1 if index < remaining % day_count else 0)
         bucket = hashes.setdefault(keys.user_daily(day), {})
         for i in range(share):
             count = 1 + i % 3
@@ -176,9 +177,9 @@ def reset_peak_rss() -> None:
 
 
 async def one_run(config: Config, conn: asyncpg.Connection, client: aioredis.Redis, redis_pid: int,
-                  size: int, rep: int) -> FlushRun:
+                  size: int, rep: int, days: int = DAYS) -> FlushRun:
     keys = PipelineKeys(f"bench/flush-{size}-{uuid.uuid4().hex[:8]}")
-    filled = await fill(client, keys, size, config.counters.ttl_seconds)
+    filled = await fill(client, keys, size, config.counters.ttl_seconds, days)
     marks: list[tuple[str, float, float, float]] = []
 
     def mark(step: str) -> None:
@@ -249,7 +250,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 runs: list[FlushRun] = []
                 for size in sizes:
                     for rep in range(1, repeat + 1):
-                        run = await one_run(config, conn, client, redis_server.process.pid, size, rep)
+                        run = await one_run(config, conn, client, redis_server.process.pid, size, rep, args.days)
                         runs.append(run)
                         split = "  ".join(f"{name} {phase.wall:.2f}s" for name, phase in run.phases.items()
                                           if phase.wall >= 0.005)
@@ -310,6 +311,9 @@ def main() -> int:
     parser.add_argument("--sizes", help="comma-separated counter counts (default 10000,100000,1000000)")
     parser.add_argument("--repeat", type=int, help="repetitions per size (default 3; --quick: 1)")
     parser.add_argument("--database-url", help="use this PostgreSQL instead of a throwaway one")
+    parser.add_argument("--days", type=int, default=DAYS,
+                        help=f"days the counters are spread over (default {DAYS}); --days 1 puts every per-user "
+                             "counter in one bucket, which the flusher reads in HSCAN pieces above 200,000")
     args = parser.parse_args()
     return asyncio.run(main_async(args))
 

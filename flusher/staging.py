@@ -93,7 +93,11 @@ return {now - oldest, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
 """
 
 
-READ_CHUNK_FIELDS = 50_000  # counters per read chunk: ~20 MB of Python objects at a time
+READ_CHUNK_FIELDS = 50_000  # small buckets are read together up to this many counters (~20 MB)
+# A bucket with more counters than this is read in HSCAN pieces instead of whole (~80 MB at most).
+# Pieces may repeat a field, and taking repeats out costs PostgreSQL ~1.5 s per million rows, so
+# buckets up to this size are read whole: the flusher's memory stays bounded either way.
+SCAN_BUCKET_FIELDS = 200_000
 
 
 def _text(value: bytes | str) -> str:
@@ -113,10 +117,21 @@ class StagedBucket:
 
 
 @dataclass
+class ReadChunk:
+    """Some of a unit's counts. ``may_repeat``: a piece of one big bucket read with HSCAN, which may
+    return a field twice (with the same count: staging keys never change); the reader must
+    deduplicate those (the flusher does it in SQL). Other chunks hold every field exactly once."""
+
+    buckets: list[StagedBucket]
+    may_repeat: bool = False
+
+
+@dataclass
 class UnitReader:
-    """A claimed unit, read from Redis a chunk of buckets at a time so that the flusher's memory is
-    bounded by the chunk (and the largest single bucket), not by the unit. Readable any number of
-    times: staging keys never change once claimed (a retried transaction reads them again)."""
+    """A claimed unit, read from Redis a chunk at a time so that the flusher's memory is bounded by
+    the chunk, not by the unit: small buckets are grouped, a very big bucket is read in HSCAN pieces.
+    Readable any number of times: staging keys never change once claimed (a retried transaction reads
+    them again)."""
 
     staging: Staging
     unit_id: str
@@ -127,20 +142,24 @@ class UnitReader:
     def bucket_count(self) -> int:
         return len(self.staged_keys)
 
-    async def chunks(self, max_fields: int | None = None) -> AsyncIterator[list[StagedBucket]]:
-        """Consecutive groups of staged buckets holding at most ``max_fields`` (default
-        ``READ_CHUNK_FIELDS``) counters, or one bucket that alone holds more."""
-        max_fields = max_fields or READ_CHUNK_FIELDS
+    async def chunks(self) -> AsyncIterator[ReadChunk]:
+        """The unit's counts: small buckets grouped up to ``READ_CHUNK_FIELDS`` counters, a bigger one
+        alone, one over ``SCAN_BUCKET_FIELDS`` in HSCAN pieces of about ``READ_CHUNK_FIELDS``."""
+        max_fields, scan_over = READ_CHUNK_FIELDS, SCAN_BUCKET_FIELDS
         chunk: list[str] = []
         fields = 0
         for key, size in zip(self.staged_keys, self.sizes, strict=True):
             if chunk and fields + size > max_fields:
-                yield await self.staging.read_buckets(self.unit_id, chunk)
+                yield ReadChunk(await self.staging.read_buckets(self.unit_id, chunk))
                 chunk, fields = [], 0
+            if size > scan_over:
+                async for piece in self.staging.scan_bucket(self.unit_id, key, max_fields):
+                    yield ReadChunk([piece], may_repeat=True)
+                continue
             chunk.append(key)
             fields += size
         if chunk:
-            yield await self.staging.read_buckets(self.unit_id, chunk)
+            yield ReadChunk(await self.staging.read_buckets(self.unit_id, chunk))
 
 
 @dataclass
@@ -218,7 +237,15 @@ class Staging:
     async def read_unit(self, unit_id: str) -> list[StagedBucket]:
         """The staged buckets of a unit with their counts, all at once (the flusher reads in chunks)."""
         unit = await self.open_unit(unit_id)
-        return [bucket async for chunk in unit.chunks() for bucket in chunk]
+        buckets: dict[str, StagedBucket] = {}  # HSCAN pieces of one bucket joined (repeats overwrite)
+        async for chunk in unit.chunks():
+            for bucket in chunk.buckets:
+                key = f"{bucket.ref.kind}:{bucket.ref.bucket}"
+                if key in buckets:
+                    buckets[key].counts.update(bucket.counts)
+                else:
+                    buckets[key] = bucket
+        return list(buckets.values())
 
     async def open_unit(self, unit_id: str) -> UnitReader:
         """A claimed unit's staging keys and their sizes, for reading it a chunk at a time."""
@@ -228,6 +255,17 @@ class Staging:
                 pipe.hlen(key)
             sizes = [int(size) for size in await pipe.execute()] if staged_keys else []
         return UnitReader(self, unit_id, staged_keys, sizes)
+
+    async def scan_bucket(self, unit_id: str, staged_key: str, count: int) -> AsyncIterator[StagedBucket]:
+        """One staged bucket in HSCAN pieces of about ``count`` fields (a field may come twice)."""
+        ref = self.keys.unstage(unit_id, staged_key)
+        cursor = 0
+        while True:
+            cursor, values = await self.client.hscan(staged_key, cursor, count=count)
+            if values:
+                yield StagedBucket(ref, {(f.decode() if type(f) is bytes else f): int(v) for f, v in values.items()})
+            if int(cursor) == 0:
+                return
 
     async def read_buckets(self, unit_id: str, staged_keys: list[str]) -> list[StagedBucket]:
         """Some staged buckets of a unit with their counts (staging keys never change once claimed)."""

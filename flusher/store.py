@@ -25,7 +25,7 @@ import asyncpg
 
 from analytics_pipeline.core.keys import USER_FIELD_SEPARATOR
 
-from .staging import StagedBucket, UnitReader, batch_of, run_id_of
+from .staging import ReadChunk, StagedBucket, UnitReader, batch_of, run_id_of
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,14 @@ CREATE TEMP TABLE IF NOT EXISTS ap_flush_user_daily (user_id text, event_type te
 CREATE TEMP TABLE IF NOT EXISTS ap_flush_user_days (day date, user_id text) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS ap_flush_last_seen (event_type text, user_id text, last_day date)
     ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS ap_flush_scan_daily (LIKE ap_flush_daily) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS ap_flush_scan_hourly (LIKE ap_flush_hourly) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS ap_flush_scan_user_daily (LIKE ap_flush_user_daily) ON COMMIT DELETE ROWS;
 """
 
 # Daily and hourly counts: one upsert per table (small: event types x buckets). ORDER BY makes the
 # index inserts sequential; rows of a unit are unique (counter_rows merges buckets staged twice; one
-# bucket cannot be in two chunks of a unit: its staging key is unique).
+# bucket is in one chunk of a unit, or in HSCAN pieces deduplicated through _SCAN_TABLES).
 _UPSERT = """
 INSERT INTO {target} AS t (pipeline, {columns})
 SELECT $1, {columns} FROM {temp} ORDER BY {key}
@@ -69,6 +72,9 @@ _COLUMNS = {
     "ap_flush_user_daily": ["user_id", "event_type", "day", "count"],
 }
 COUNTER_TABLES = ("ap_flush_daily", "ap_flush_hourly", "ap_flush_user_daily")
+# Pieces of big buckets read with HSCAN land here first: HSCAN may return a field twice (same count),
+# and within a unit a field of a bucket is one row, so SELECT DISTINCT takes exactly the repeats out.
+_SCAN_TABLES = {table: table.replace("ap_flush_", "ap_flush_scan_") for table in COUNTER_TABLES}
 
 # The rollups' inputs, from the unit's per-user rows once all of them are COPYed: its distinct
 # (day, user) pairs, and each user's last day in the unit per event type and for any event type.
@@ -238,12 +244,20 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, unit
                     return ApplyResult(False, bucket_count, 0)
                 await conn.execute(_TEMP_TABLES)
                 copied = dict.fromkeys(COUNTER_TABLES, 0)
+                scanned: set[str] = set()
                 async for chunk in _chunks(unit):
-                    for table, rows in counter_rows(chunk).items():
-                        if rows:
+                    for table, rows in counter_rows(chunk.buckets).items():
+                        if rows and chunk.may_repeat:
+                            await conn.copy_records_to_table(_SCAN_TABLES[table], records=rows,
+                                                             columns=_COLUMNS[table])
+                            scanned.add(table)
+                        elif rows:
                             await conn.copy_records_to_table(table, records=rows, columns=_COLUMNS[table])
                             copied[table] += len(rows)
                     del chunk  # before the next chunk is read: one chunk in memory, not two
+                for table in scanned:
+                    status = await conn.execute(f"INSERT INTO {table} SELECT DISTINCT * FROM {_SCAN_TABLES[table]}")
+                    copied[table] += int(status.split()[-1])  # "INSERT 0 <rows>"
                 for table, upsert in _UPSERTS.items():
                     if copied[table]:
                         await conn.execute(upsert, pipeline)
@@ -264,13 +278,13 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, unit
     raise AssertionError("unreachable")
 
 
-async def _chunks(unit: list[StagedBucket] | UnitReader) -> AsyncIterator[list[StagedBucket]]:
-    """The unit's buckets in chunks: as read from Redis, or all at once when already in memory."""
+async def _chunks(unit: list[StagedBucket] | UnitReader) -> AsyncIterator[ReadChunk]:
+    """The unit's counts in chunks: as read from Redis, or all at once when already in memory."""
     if isinstance(unit, UnitReader):
         async for chunk in unit.chunks():
             yield chunk
     elif unit:
-        yield unit
+        yield ReadChunk(unit)
 
 
 async def rebuild_rollups(conn: asyncpg.Connection, pipeline: str) -> None:
