@@ -288,3 +288,29 @@ async def test_a_bucket_bigger_than_a_chunk_is_scanned_and_repeated_fields_count
     await assert_rollups_exact(pg, config.pipeline)
     assert await pg.fetchval("SELECT rows FROM analytics_flush_ledger WHERE pipeline = $1", config.pipeline) == 756
     assert_clean(await redis_leftovers(redis_client, keys))
+
+
+async def test_a_scanned_unit_that_failed_mid_transaction_is_recovered_exactly(
+        redis_client: aioredis.Redis, pg: asyncpg.Connection, config: Config, writer: LuaWriter, keys: PipelineKeys,
+        monkeypatch) -> None:
+    """The unit's transaction dies after every piece was COPYed (and some twice): nothing of it stays in
+    PostgreSQL, the unit stays in flight, and the next run reads the unchanged staging keys again."""
+    from analytics_pipeline.flusher import staging as staging_module
+
+    await writer.write([(f"ev{i % 3}", f"user{i % 250}", NOW) for i in range(750)])
+    monkeypatch.setattr(staging_module, "READ_CHUNK_FIELDS", 100)
+    monkeypatch.setattr(staging_module, "SCAN_BUCKET_FIELDS", 500)
+
+    async def die_in_transaction(step: str) -> None:
+        if step == "in_transaction":
+            raise ConnectionResetError("simulated: the connection died before COMMIT")
+
+    failed = await flush_pipeline(redis_client, pg, config, config.pipeline, hook=die_in_transaction)
+    assert failed.error is not None and failed.rows == 0
+    assert await redis_client.zcard(keys.inflight) == 1
+    assert await pg_counters(pg, config.pipeline) == {}
+    recovered = await flush_pipeline(redis_client, pg, config, config.pipeline)
+    assert recovered.error is None and recovered.recovered_units == 1 and recovered.rows == 756
+    assert await pg_counters(pg, config.pipeline) == writer.expected
+    await assert_rollups_exact(pg, config.pipeline)
+    assert_clean(await redis_leftovers(redis_client, keys))
