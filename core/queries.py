@@ -5,7 +5,8 @@ not committed yet. Reading two stores is racy: a claim+commit between the Redis 
 PostgreSQL read would count a unit twice (spike), a commit+cleanup the other way round would lose it
 (dip). So every query is a seqlock on the pipeline's ``claim_seq``:
 
-1. one Lua script snapshots the live buckets, every in-flight unit's staged buckets and ``claim_seq``;
+1. one MULTI/EXEC reads ``claim_seq``, the in-flight units and the live buckets, then one pipeline the
+   units' staged buckets (as good as atomic: see ``Queries._snapshot``);
 2. one REPEATABLE READ transaction reads the totals and which of those units the ledger already has
    (a unit in the ledger is in the totals, so its staged copy is skipped; otherwise it is added);
 3. ``claim_seq`` is read again: if a claim happened in between (its buckets moved out of the live
@@ -35,67 +36,22 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from .config import Config
-from .keys import BucketKind, PipelineKeys, day_bucket, days_between, hour_bucket, hours_between, user_field
+from .keys import (
+    USER_FIELD_SEPARATOR,
+    BucketKind,
+    PipelineKeys,
+    day_bucket,
+    days_between,
+    hour_bucket,
+    hours_between,
+    user_field,
+)
 
 Granularity = Literal["hour", "day"]
 GRANULARITIES: tuple[Granularity, ...] = ("hour", "day")
 ANY_EVENT = ""  # event_type of the uniques rollups' "any event type" rows (see schema.sql)
 MAX_BUCKETS = 10_000
 T = TypeVar("T")
-
-# Snapshot: claim_seq, then for the live buckets and for each in-flight unit's staging keys, one reply
-# per request (suffix, op, arg). ops: get (one field), sum (all fields), all (HGETALL), users (distinct
-# user ids of a per-user bucket, optionally of one event type), usersum (one user's total over events).
-_SNAPSHOT_LUA = """
-local inflight, claimseq = KEYS[1], KEYS[2]
-local base, shead, stail = ARGV[1], ARGV[2], ARGV[3]
-local SEP = string.char(31)
-local function split(f)
-  local at = string.find(f, SEP, 1, true)
-  if not at then return nil, nil end
-  return string.sub(f, 1, at - 1), string.sub(f, at + 1)
-end
-local function apply(key, op, arg)
-  if op == 'get' then
-    return tonumber(redis.call('HGET', key, arg) or '0')
-  elseif op == 'sum' then
-    local s = 0
-    for _, v in ipairs(redis.call('HVALS', key)) do s = s + tonumber(v) end
-    return s
-  elseif op == 'all' then
-    return redis.call('HGETALL', key)
-  elseif op == 'users' then
-    local seen, out = {}, {}
-    for _, f in ipairs(redis.call('HKEYS', key)) do
-      local ev, user = split(f)
-      if user and (arg == '' or ev == arg) and not seen[user] then
-        seen[user] = true
-        out[#out + 1] = user
-      end
-    end
-    return out
-  elseif op == 'usersum' then
-    local s, flat = 0, redis.call('HGETALL', key)
-    for i = 1, #flat, 2 do
-      local _, user = split(flat[i])
-      if user == arg then s = s + tonumber(flat[i + 1]) end
-    end
-    return s
-  end
-  return redis.error_reply('unknown snapshot op ' .. tostring(op))
-end
-local function run(prefix)
-  local out = {}
-  for i = 4, #ARGV, 3 do out[#out + 1] = apply(prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
-  return out
-end
-local result = {redis.call('GET', claimseq) or '0', run(base)}
-for _, unit in ipairs(redis.call('ZRANGE', inflight, 0, -1)) do
-  result[#result + 1] = unit
-  result[#result + 1] = run(shead .. unit .. stail)
-end
-return result
-"""
 
 # Park claims: add our token with an expiry (Redis clock); the key expires with its latest member.
 _HOLD_LUA = """
@@ -317,6 +273,42 @@ def resolve_range(granularity: str, start: str | None, end: str | None,
     return (last.date() if isinstance(last, datetime) else last) - timedelta(days=DEFAULT_DAYS - 1), last
 
 
+def _queue(pipe: Any, request: _Request, key: str) -> None:
+    """The one Redis command that answers ``request`` on ``key`` (reduced by :func:`_reduce`)."""
+    if request.op == "get":
+        pipe.hget(key, request.arg)
+    elif request.op == "sum":
+        pipe.hvals(key)
+    elif request.op == "users":
+        pipe.hkeys(key)
+    else:  # all, usersum
+        pipe.hgetall(key)
+
+
+def _reduce(request: _Request, reply: Any) -> Any:
+    """A raw reply as :class:`RedisView` reads it: a number, flat field/count pairs, or user ids."""
+    op = request.op
+    if op == "get":
+        return int(reply or 0)
+    if op == "sum":
+        return sum(int(value) for value in reply)
+    if op == "all":
+        return [item for pair in reply.items() for item in pair]
+    separator = USER_FIELD_SEPARATOR
+    if op == "users":
+        wanted = request.arg
+        users: dict[str, None] = {}  # distinct, in field order
+        for field in reply:
+            event_type, found, user = _text(field).partition(separator)
+            if found and (not wanted or event_type == wanted):
+                users[user] = None
+        return list(users)
+    if op == "usersum":
+        return sum(int(count) for field, count in reply.items()
+                   if _text(field).partition(separator)[2] == request.arg)
+    raise ValueError(f"unknown snapshot op {op!r}")
+
+
 class Queries:
     """Exact reads of one pipeline over a Redis client and an asyncpg pool (or one connection).
 
@@ -338,7 +330,6 @@ class Queries:
         self.after_snapshot = after_snapshot
         self.retries = 0  # lost seqlock races so far (observability and tests)
         self.holds = 0  # times claims were parked
-        self._snapshot_script = client.register_script(_SNAPSHOT_LUA)
         self._hold_script = client.register_script(_HOLD_LUA)
         head, _, tail = self.keys.staging_prefix(_UNIT_PLACEHOLDER).partition(_UNIT_PLACEHOLDER)
         self._staging_head = head
@@ -554,12 +545,34 @@ class Queries:
             yield self.db
 
     async def _snapshot(self, requests: list[_Request]) -> tuple[bytes | str, list[Any], dict[str, list[Any]]]:
-        args: list[str] = [self.keys.base, self._staging_head, self._staging_tail]
-        for request in requests:
-            args += [f"{request.kind}:{request.bucket}", request.op, request.arg]
-        reply = await self._snapshot_script(keys=[self.keys.inflight, self.keys.claim_seq], args=args)
-        units = {_text(reply[i]): reply[i + 1] for i in range(2, len(reply), 2)}
-        return reply[0], reply[1], units
+        """``claim_seq``, the requests' replies on the live buckets, and per in-flight unit on its staged copies.
+
+        Two round trips, no Lua (moving 20,000 per-user fields into a script cost 11 ms, as raw
+        replies 4): claim_seq, the in-flight units and the live buckets in ONE MULTI/EXEC, then the
+        units' staging keys. That is as good as one atomic read: no claim may happen in between (the
+        seqlock retries if claim_seq moved), and a unit's staging keys never change once claimed and
+        are deleted only after its ledger row is committed — then the PostgreSQL snapshot, taken after
+        this, sees the ledger row and skips the unit whatever was read of it.
+        """
+        live_keys = [self.keys.base + f"{r.kind}:{r.bucket}" for r in requests]
+        async with self.client.pipeline(transaction=True) as multi:
+            multi.get(self.keys.claim_seq)
+            multi.zrange(self.keys.inflight, 0, -1)
+            for request, key in zip(requests, live_keys, strict=True):
+                _queue(multi, request, key)
+            seq, units, *live = await multi.execute()
+        staged: dict[str, list[Any]] = {}
+        if units:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for unit in units:
+                    head = self._staging_head + _text(unit) + self._staging_tail
+                    for request in requests:
+                        _queue(pipe, request, head + f"{request.kind}:{request.bucket}")
+                replies = await pipe.execute()
+            for n, unit in enumerate(units):
+                part = replies[n * len(requests):(n + 1) * len(requests)]
+                staged[_text(unit)] = [_reduce(r, reply) for r, reply in zip(requests, part, strict=True)]
+        return seq or "0", [_reduce(r, reply) for r, reply in zip(requests, live, strict=True)], staged
 
     async def _hold(self, hold_ms: int) -> str:
         token = uuid.uuid4().hex

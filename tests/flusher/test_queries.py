@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -294,3 +295,56 @@ async def test_queries_under_concurrent_writes_and_flushes(redis_url: str, redis
     assert (await q.counts(None, TODAY, TODAY, "day")).total == acked["all"]
     assert (await q.counts("e1", TODAY, TODAY, "day")).total == acked["e1"]
     assert await pg_counters(pg, config.pipeline) == writer.expected  # every acked increment, exactly once
+
+
+class _ActBeforeStagedRead:
+    """A Redis client that runs ``action`` once just before the snapshot's second round trip (the read
+    of the in-flight units' staging keys, the one non-transactional pipeline a query opens)."""
+
+    def __init__(self, client: aioredis.Redis, action: Callable[[], Awaitable[None]]) -> None:
+        self._client = client
+        self._action: Callable[[], Awaitable[None]] | None = action
+        self.acted = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        real = self._client.pipeline(transaction=transaction)
+        if transaction or self._action is None:
+            return real
+        action, self._action = self._action, None
+        outer = self
+
+        class _Enter:
+            async def __aenter__(self) -> Any:
+                await action()
+                outer.acted = True
+                return await real.__aenter__()
+
+            async def __aexit__(self, *exc: object) -> None:
+                await real.__aexit__(*exc)
+
+        return _Enter()
+
+
+async def test_commit_and_cleanup_between_the_live_read_and_the_staged_read(
+        redis_client: aioredis.Redis, pg: asyncpg.Connection, config: Config, writer: LuaWriter,
+        keys: PipelineKeys) -> None:
+    """The snapshot's two round trips: a unit listed in flight by the first is committed and cleaned up
+    before the second reads its (now deleted) staging keys. PostgreSQL, read after both, has it."""
+    await write_mix(writer)
+    staging = Staging(redis_client, keys)
+    await staging.claim("run3-00001", 1000)
+
+    async def commit_and_clean() -> None:
+        await apply_unit(pg, config.pipeline, "run3-00001", await staging.read_unit("run3-00001"))
+        await staging.cleanup("run3-00001")
+
+    client = _ActBeforeStagedRead(redis_client, commit_and_clean)
+    q = Queries(client, pg, config.pipeline)  # type: ignore[arg-type]
+    series = await q.counts(None, YESTERDAY, TODAY, "day")
+    assert client.acted and series.total == 6 and q.retries == 0  # not 0: counted from PostgreSQL
+    await check_all(Queries(redis_client, pg, config.pipeline), writer)
+    uniques = await Queries(redis_client, pg, config.pipeline).uniques(None, TODAY, TODAY)
+    assert uniques.points[0].count == 3
