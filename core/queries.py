@@ -64,7 +64,6 @@ redis.call('PEXPIREAT', KEYS[1], last[2])
 return 1
 """
 
-_UNIT_PLACEHOLDER = "\x00unit\x00"
 
 # Uniques of event type $2 ('' = any) from day $3 on, in one round trip: the rollup rows (schema.sql),
 # and for the Redis (user, day) pairs $4/$5 what PostgreSQL holds of them, decided by each user's last
@@ -331,9 +330,6 @@ class Queries:
         self.retries = 0  # lost seqlock races so far (observability and tests)
         self.holds = 0  # times claims were parked
         self._hold_script = client.register_script(_HOLD_LUA)
-        head, _, tail = self.keys.staging_prefix(_UNIT_PLACEHOLDER).partition(_UNIT_PLACEHOLDER)
-        self._staging_head = head
-        self._staging_tail = tail
 
     @classmethod
     def for_config(cls, client: aioredis.Redis, db: asyncpg.Pool | asyncpg.Connection, config: Config,
@@ -554,7 +550,7 @@ class Queries:
         are deleted only after its ledger row is committed — then the PostgreSQL snapshot, taken after
         this, sees the ledger row and skips the unit whatever was read of it.
         """
-        live_keys = [self.keys.base + f"{r.kind}:{r.bucket}" for r in requests]
+        live_keys = [self.keys.bucket(r.kind, r.bucket) for r in requests]
         async with self.client.pipeline(transaction=True) as multi:
             multi.get(self.keys.claim_seq)
             multi.zrange(self.keys.inflight, 0, -1)
@@ -565,9 +561,8 @@ class Queries:
         if units:
             async with self.client.pipeline(transaction=False) as pipe:
                 for unit in units:
-                    head = self._staging_head + _text(unit) + self._staging_tail
-                    for request in requests:
-                        _queue(pipe, request, head + f"{request.kind}:{request.bucket}")
+                    for request, key in zip(requests, live_keys, strict=True):
+                        _queue(pipe, request, self.keys.staging(_text(unit), key))
                 replies = await pipe.execute()
             for n, unit in enumerate(units):
                 part = replies[n * len(requests):(n + 1) * len(requests)]

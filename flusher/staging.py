@@ -237,14 +237,13 @@ class Staging:
     async def read_unit(self, unit_id: str) -> list[StagedBucket]:
         """The staged buckets of a unit with their counts, all at once (the flusher reads in chunks)."""
         unit = await self.open_unit(unit_id)
-        buckets: dict[str, StagedBucket] = {}  # HSCAN pieces of one bucket joined (repeats overwrite)
+        buckets: dict[BucketRef, StagedBucket] = {}  # HSCAN pieces of one bucket joined (repeats overwrite)
         async for chunk in unit.chunks():
             for bucket in chunk.buckets:
-                key = f"{bucket.ref.kind}:{bucket.ref.bucket}"
-                if key in buckets:
-                    buckets[key].counts.update(bucket.counts)
+                if bucket.ref in buckets:
+                    buckets[bucket.ref].counts.update(bucket.counts)
                 else:
-                    buckets[key] = bucket
+                    buckets[bucket.ref] = bucket
         return list(buckets.values())
 
     async def open_unit(self, unit_id: str) -> UnitReader:

@@ -30,7 +30,6 @@ from .staging import ReadChunk, StagedBucket, UnitReader, batch_of, run_id_of
 log = logging.getLogger(__name__)
 
 LEDGER_RETENTION_DAYS = 30
-ANY_EVENT = ""  # the rollups' event_type meaning "any event type" (events may not have empty names)
 
 # pg_advisory_xact_lock(class, hashtext(pipeline)): the two-key form never collides with single-key
 # locks such as the migration's. A hash collision between two pipelines only serialises them.
