@@ -6,6 +6,7 @@ Each script prints the machine it ran on and the exact command that reproduces i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shlex
@@ -14,10 +15,12 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from analytics_pipeline.core.services import PostgresServer, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
@@ -186,3 +189,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 def which_or_none(name: str) -> str | None:
     return shutil.which(name)
+
+
+# ------------------------------------------------------------------------------------------ services
+@contextlib.contextmanager
+def services(database_url: str | None, scratch: Path) -> Iterator[tuple[RedisServer, str, str]]:
+    """A throwaway Redis, and PostgreSQL: ``database_url`` if given, else a throwaway one; yields
+    (redis server, database url, where PostgreSQL comes from, for the header)."""
+    redis_server = RedisServer(scratch / "redis").start()
+    postgres = None
+    try:
+        if database_url is None:
+            postgres = PostgresServer(scratch / "postgres").start()
+            database_url = postgres.url
+            origin = "throwaway PostgresServer (fsync=off, synchronous_commit=off)"
+        else:
+            origin = "from --database-url"
+        yield redis_server, database_url, origin
+    finally:
+        redis_server.stop()
+        if postgres is not None:
+            postgres.destroy()

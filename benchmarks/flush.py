@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +38,6 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import Config, parse_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys, user_field
-from analytics_pipeline.core.services import PostgresServer, RedisServer
 from analytics_pipeline.flusher.db import connect
 from analytics_pipeline.flusher.migrate import apply_schema
 from analytics_pipeline.flusher.run import PipelineFlush
@@ -210,30 +208,12 @@ async def one_run(config: Config, conn: asyncpg.Connection, client: aioredis.Red
                     phases, not problems, problems)
 
 
-@contextlib.asynccontextmanager
-async def services(database_url: str | None, scratch: Path) -> AsyncIterator[tuple[RedisServer, str, str]]:
-    redis_server = RedisServer(scratch / "redis").start()
-    postgres = None
-    try:
-        if database_url is None:
-            postgres = PostgresServer(scratch / "postgres").start()
-            database_url = postgres.url
-            origin = "throwaway PostgresServer (fsync=off, synchronous_commit=off)"
-        else:
-            origin = "from --database-url"
-        yield redis_server, database_url, origin
-    finally:
-        redis_server.stop()
-        if postgres is not None:
-            postgres.destroy()
-
-
 async def main_async(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10_000, 100_000] if args.quick else
                                                                           [10_000, 100_000, 1_000_000])
     repeat = args.repeat or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory(prefix="bench-flush-") as scratch:
-        async with services(args.database_url, Path(scratch)) as (redis_server, database_url, origin):
+        with benchlib.services(args.database_url, Path(scratch)) as (redis_server, database_url, origin):
             config = parse_config({"pipeline": "bench/flush", "redis_url": redis_server.url,
                                    "database_url": database_url})
             client = aioredis.Redis.from_url(redis_server.url)

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -45,7 +44,6 @@ import redis.asyncio as aioredis
 from analytics_pipeline.core.config import parse_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys, user_field
 from analytics_pipeline.core.queries import Queries
-from analytics_pipeline.core.services import PostgresServer, RedisServer
 from analytics_pipeline.flusher.db import create_pool
 from analytics_pipeline.flusher.migrate import apply_schema
 from analytics_pipeline.flusher.store import PIPELINE_TABLES, rebuild_rollups
@@ -225,24 +223,6 @@ async def time_query(name: str, call: Callable[[], Awaitable[Any]], rounds: int,
     return timing
 
 
-@contextlib.asynccontextmanager
-async def services(database_url: str | None, scratch: Path) -> AsyncIterator[tuple[RedisServer, str, str]]:
-    redis_server = RedisServer(scratch / "redis").start()
-    postgres = None
-    try:
-        if database_url is None:
-            postgres = PostgresServer(scratch / "postgres").start()
-            database_url = postgres.url
-            origin = "throwaway PostgresServer (fsync=off)"
-        else:
-            origin = "from --database-url"
-        yield redis_server, database_url, origin
-    finally:
-        redis_server.stop()
-        if postgres is not None:
-            postgres.destroy()
-
-
 async def main_async(args: argparse.Namespace) -> int:
     days = args.days or (30 if args.quick else 365)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -251,7 +231,7 @@ async def main_async(args: argparse.Namespace) -> int:
     keys = PipelineKeys(pipeline)
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-query-") as scratch:
-        async with services(args.database_url, Path(scratch)) as (redis_server, database_url, origin):
+        with benchlib.services(args.database_url, Path(scratch)) as (redis_server, database_url, origin):
             config = parse_config({"pipeline": pipeline, "redis_url": redis_server.url, "database_url": database_url})
             client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
             pool = await create_pool(config, "benchmark query", max_size=4)
