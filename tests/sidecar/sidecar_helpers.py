@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,3 +95,17 @@ def per_event(user_totals: dict[str, int]) -> dict[str, int]:
         event, _ = split_user_field(field)
         folded[event] = folded.get(event, 0) + value
     return folded
+
+
+async def first_event_accepted(port: int, attempts: int, delay: float) -> bool:
+    """POST one event to a sidecar that is starting on ``port`` until it answers (it must answer 202);
+    False if it never listened within ``attempts`` tries ``delay`` seconds apart."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(attempts):
+            try:
+                async with session.post(f"http://127.0.0.1:{port}/v1/events", json={"event": "a"}) as answer:
+                    assert answer.status == 202
+                    return True
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(delay)
+    return False

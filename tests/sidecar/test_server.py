@@ -8,10 +8,9 @@ import logging
 import os
 import sys
 
-import aiohttp
 import pytest
 from aiohttp import web
-from sidecar_helpers import SidecarFactory
+from sidecar_helpers import SidecarFactory, first_event_accepted
 
 from analytics_pipeline.core.services import free_port
 from analytics_pipeline.sidecar import app as app_module
@@ -33,14 +32,7 @@ async def test_serve_warns_on_non_loopback_and_stops_cleanly(sidecar_config, cap
     stop = asyncio.Event()
     caplog.set_level(logging.INFO, logger="analytics_pipeline")
     server = asyncio.create_task(serve(config, stop=stop))
-    async with aiohttp.ClientSession() as session:
-        for _ in range(100):
-            try:
-                async with session.post(f"http://127.0.0.1:{port}/v1/events", json={"event": "a"}) as response:
-                    assert response.status == 202
-                    break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.02)
+    assert await first_event_accepted(port, 100, 0.02)
     stop.set()
     assert await asyncio.wait_for(server, 10) == 0
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "non-loopback" in r.getMessage()]
@@ -100,18 +92,10 @@ async def test_event_loop_choice(choice: str, on_uvloop: bool, config, redis_cli
         sys.executable, "-m", "analytics_pipeline", "sidecar", "--port", str(port), "--no-reload",
         "--event-loop", choice, env=env, stderr=asyncio.subprocess.PIPE)
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.post(f"http://127.0.0.1:{port}/v1/events", json={"event": "a"}) as answer:
-                        assert answer.status == 202
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-            else:
-                if process.returncode is None:
-                    process.terminate()
-                raise AssertionError(f"the sidecar did not start: {(await process.stderr.read())[-1000:]!r}")
+        if not await first_event_accepted(port, 300, 0.05):
+            if process.returncode is None:
+                process.terminate()
+            raise AssertionError(f"the sidecar did not start: {(await process.stderr.read())[-1000:]!r}")
         with open(f"/proc/{process.pid}/maps", encoding="utf-8") as maps:  # noqa: ASYNC230 - procfs, instant
             assert ("uvloop" in maps.read()) is on_uvloop
     finally:
