@@ -14,11 +14,13 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from analytics_pipeline.core.services import PostgresServer, RedisServer
 
@@ -193,9 +195,14 @@ def which_or_none(name: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------ services
 @contextlib.contextmanager
-def services(database_url: str | None, scratch: Path) -> Iterator[tuple[RedisServer, str, str]]:
-    """A throwaway Redis, and PostgreSQL: ``database_url`` if given, else a throwaway one; yields
-    (redis server, database url, where PostgreSQL comes from, for the header)."""
+def services(database_url: str | None, prefix: str) -> Iterator[tuple[RedisServer, str, str]]:
+    """A throwaway Redis, and PostgreSQL: ``database_url`` if given, else a throwaway one (both in a
+    temp folder named ``prefix``…); yields (redis server, database url, where PostgreSQL comes from)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield from _services(database_url, Path(folder))
+
+
+def _services(database_url: str | None, scratch: Path) -> Iterator[tuple[RedisServer, str, str]]:
     redis_server = RedisServer(scratch / "redis").start()
     postgres = None
     try:
@@ -210,3 +217,10 @@ def services(database_url: str | None, scratch: Path) -> Iterator[tuple[RedisSer
         redis_server.stop()
         if postgres is not None:
             postgres.destroy()
+
+
+async def print_services_header(title: str, client: Any, conn: Any, origin: str) -> None:
+    """:func:`print_header` with the versions the benchmark's Redis client and PostgreSQL connection report."""
+    redis_version = (await client.info("server"))["redis_version"]
+    pg_version = await conn.fetchval("SHOW server_version")
+    print_header(title, redis_version=f"{redis_version} (throwaway)", postgres_version=f"{pg_version} ({origin})")

@@ -25,12 +25,10 @@ import contextlib
 import itertools
 import os
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import benchlib
@@ -212,38 +210,34 @@ async def main_async(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10_000, 100_000] if args.quick else
                                                                           [10_000, 100_000, 1_000_000])
     repeat = args.repeat or (1 if args.quick else 3)
-    with tempfile.TemporaryDirectory(prefix="bench-flush-") as scratch:
-        with benchlib.services(args.database_url, Path(scratch)) as (redis_server, database_url, origin):
-            config = parse_config({"pipeline": "bench/flush", "redis_url": redis_server.url,
-                                   "database_url": database_url})
-            client = aioredis.Redis.from_url(redis_server.url)
-            conn = await connect(config, "benchmark flush")
-            try:
-                redis_version = (await client.info("server"))["redis_version"]
-                pg_version = await conn.fetchval("SHOW server_version")
-                benchlib.print_header("flush benchmark", redis_version=f"{redis_version} (throwaway)",
-                                      postgres_version=f"{pg_version} ({origin})")
-                await apply_schema(conn)
-                assert redis_server.process is not None
-                print(f"batch size {config.flush.batch_size} buckets per unit (flush.batch_size default); "
-                      f"{repeat} repetition(s) per size; a fresh pipeline per repetition (rows are inserted)\n")
-                runs: list[FlushRun] = []
-                for size in sizes:
-                    for rep in range(1, repeat + 1):
-                        run = await one_run(config, conn, client, redis_server.process.pid, size, rep, args.days)
-                        runs.append(run)
-                        split = "  ".join(f"{name} {phase.wall:.2f}s" for name, phase in run.phases.items()
-                                          if phase.wall >= 0.005)
-                        print(f"  {size:>9,} counters rep {rep}: fill {run.fill_seconds:5.1f}s  "
-                              f"flush {run.seconds:6.2f}s {run.rows_per_s:>9,.0f} rows/s  {run.units} unit(s), "
-                              f"{run.buckets} buckets  "
-                              f"peak RSS {run.peak_rss_mb:.0f} MiB  [{'OK' if run.verified else 'FAIL'}]  {split}",
-                              flush=True)
-                        for problem in run.problems:
-                            print(f"      FAIL {problem}")
-            finally:
-                await conn.close()
-                await client.aclose()
+    with benchlib.services(args.database_url, "bench-flush-") as (redis_server, database_url, origin):
+        config = parse_config({"pipeline": "bench/flush", "redis_url": redis_server.url,
+                               "database_url": database_url})
+        client = aioredis.Redis.from_url(redis_server.url)
+        conn = await connect(config, "benchmark flush")
+        try:
+            await benchlib.print_services_header("flush benchmark", client, conn, origin)
+            await apply_schema(conn)
+            assert redis_server.process is not None
+            print(f"batch size {config.flush.batch_size} buckets per unit (flush.batch_size default); "
+                  f"{repeat} repetition(s) per size; a fresh pipeline per repetition (rows are inserted)\n")
+            runs: list[FlushRun] = []
+            for size in sizes:
+                for rep in range(1, repeat + 1):
+                    run = await one_run(config, conn, client, redis_server.process.pid, size, rep, args.days)
+                    runs.append(run)
+                    split = "  ".join(f"{name} {phase.wall:.2f}s" for name, phase in run.phases.items()
+                                      if phase.wall >= 0.005)
+                    print(f"  {size:>9,} counters rep {rep}: fill {run.fill_seconds:5.1f}s  "
+                          f"flush {run.seconds:6.2f}s {run.rows_per_s:>9,.0f} rows/s  {run.units} unit(s), "
+                          f"{run.buckets} buckets  "
+                          f"peak RSS {run.peak_rss_mb:.0f} MiB  [{'OK' if run.verified else 'FAIL'}]  {split}",
+                          flush=True)
+                    for problem in run.problems:
+                        print(f"      FAIL {problem}")
+        finally:
+            await conn.close()
+            await client.aclose()
     print(f"\nload avg at end: {benchlib.load_average()}\n")
     report(runs, sizes)
     return 0 if all(run.verified for run in runs) else 1

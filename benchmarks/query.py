@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -230,62 +228,58 @@ async def main_async(args: argparse.Namespace) -> int:
     pipeline = f"bench/query-{uuid.uuid4().hex[:8]}"
     keys = PipelineKeys(pipeline)
     problems: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="bench-query-") as scratch:
-        with benchlib.services(args.database_url, Path(scratch)) as (redis_server, database_url, origin):
-            config = parse_config({"pipeline": pipeline, "redis_url": redis_server.url, "database_url": database_url})
-            client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-            pool = await create_pool(config, "benchmark query", max_size=4)
-            conn = await pool.acquire()
+    with benchlib.services(args.database_url, "bench-query-") as (redis_server, database_url, origin):
+        config = parse_config({"pipeline": pipeline, "redis_url": redis_server.url, "database_url": database_url})
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        pool = await create_pool(config, "benchmark query", max_size=4)
+        conn = await pool.acquire()
+        try:
+            await benchlib.print_services_header("query benchmark", client, conn, origin)
+            await apply_schema(conn)
+            now = datetime.now(UTC)
+            started = time.monotonic()
+            loader = await asyncpg.connect(database_url, server_settings={
+                "statement_timeout": "0", "maintenance_work_mem": "512MB", "timezone": "UTC"})
             try:
-                redis_version = (await client.info("server"))["redis_version"]
-                pg_version = await conn.fetchval("SHOW server_version")
-                benchlib.print_header("query benchmark", redis_version=f"{redis_version} (throwaway)",
-                                      postgres_version=f"{pg_version} ({origin})")
-                await apply_schema(conn)
-                now = datetime.now(UTC)
-                started = time.monotonic()
-                loader = await asyncpg.connect(database_url, server_settings={
-                    "statement_timeout": "0", "maintenance_work_mem": "512MB", "timezone": "UTC"})
-                try:
-                    data = await generate_postgres(loader, pipeline, days, now.date(),
-                                                   own_database=args.database_url is None)
-                finally:
-                    await loader.close()
-                live = await fill_redis(client, keys, now)
-                sizes = {t: await conn.fetchval(f"SELECT count(*) FROM {t} WHERE pipeline = $1", pipeline)
-                         for t in ("analytics_hourly", "analytics_daily", "analytics_user_daily")}
-                print(f"generated in {time.monotonic() - started:.1f}s: " + ", ".join(f"{t} {n:,} rows"
-                                                                                   for t, n in sizes.items())
-                      + f"; Redis: {now.hour + 1} hourly buckets, today's daily bucket, "
-                      f"{len(live['users']):,} users in today's per-user bucket\n", flush=True)
-                await pool.release(conn)
-                conn = None
-                queries = Queries.for_config(client, pool, config)
-                day_list = [now.date() - timedelta(days=29 - n) for n in range(30)]
-                problems += await check_results(queries, pool, data, live, now, day_list)
-                plan: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-                    ("counts by hour, 48 h", lambda: queries.counts(None, now - timedelta(hours=47), now, "hour")),
-                    ("counts by day, 30 days", lambda: queries.counts(None, day_list[0], day_list[-1], "day")),
-                    ("uniques per day, 30 days", lambda: queries.uniques(None, day_list[0], day_list[-1])),
-                    ("uniques of one event, 30 days", lambda: queries.uniques("event_03", day_list[0],
-                                                                             day_list[-1])),
-                    ("dashboard_snapshot (48 h, 30 days)", lambda: queries.dashboard_snapshot(now)),
-                ]
-                timings = []
-                for name, call in plan:
-                    timing = await time_query(name, call, rounds, seconds, 20)
-                    timings.append(timing)
-                    print("  " + name.ljust(36) + "  ".join(
-                        f"round {i + 1}: p50 {benchlib.percentile(s, 50):7.2f} ms p99 {benchlib.percentile(s, 99):7.2f}"
-                        f" ms ({len(s)} runs)" for i, s in enumerate(timing.rounds)), flush=True)
+                data = await generate_postgres(loader, pipeline, days, now.date(),
+                                               own_database=args.database_url is None)
             finally:
-                if conn is not None:
-                    await pool.release(conn)
-                async with pool.acquire() as cleanup:
-                    for table in PIPELINE_TABLES:
-                        await cleanup.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
-                await pool.close()
-                await client.aclose()
+                await loader.close()
+            live = await fill_redis(client, keys, now)
+            sizes = {t: await conn.fetchval(f"SELECT count(*) FROM {t} WHERE pipeline = $1", pipeline)
+                     for t in ("analytics_hourly", "analytics_daily", "analytics_user_daily")}
+            print(f"generated in {time.monotonic() - started:.1f}s: " + ", ".join(f"{t} {n:,} rows"
+                                                                               for t, n in sizes.items())
+                  + f"; Redis: {now.hour + 1} hourly buckets, today's daily bucket, "
+                  f"{len(live['users']):,} users in today's per-user bucket\n", flush=True)
+            await pool.release(conn)
+            conn = None
+            queries = Queries.for_config(client, pool, config)
+            day_list = [now.date() - timedelta(days=29 - n) for n in range(30)]
+            problems += await check_results(queries, pool, data, live, now, day_list)
+            plan: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+                ("counts by hour, 48 h", lambda: queries.counts(None, now - timedelta(hours=47), now, "hour")),
+                ("counts by day, 30 days", lambda: queries.counts(None, day_list[0], day_list[-1], "day")),
+                ("uniques per day, 30 days", lambda: queries.uniques(None, day_list[0], day_list[-1])),
+                ("uniques of one event, 30 days", lambda: queries.uniques("event_03", day_list[0],
+                                                                         day_list[-1])),
+                ("dashboard_snapshot (48 h, 30 days)", lambda: queries.dashboard_snapshot(now)),
+            ]
+            timings = []
+            for name, call in plan:
+                timing = await time_query(name, call, rounds, seconds, 20)
+                timings.append(timing)
+                print("  " + name.ljust(36) + "  ".join(
+                    f"round {i + 1}: p50 {benchlib.percentile(s, 50):7.2f} ms p99 {benchlib.percentile(s, 99):7.2f}"
+                    f" ms ({len(s)} runs)" for i, s in enumerate(timing.rounds)), flush=True)
+        finally:
+            if conn is not None:
+                await pool.release(conn)
+            async with pool.acquire() as cleanup:
+                for table in PIPELINE_TABLES:
+                    await cleanup.execute(f"DELETE FROM {table} WHERE pipeline = $1", pipeline)
+            await pool.close()
+            await client.aclose()
     print(f"\nload avg at end: {benchlib.load_average()}\n")
     print("Medians over rounds, (min..max), milliseconds:")
     print(benchlib.table(["query", "p50 ms", "p99 ms", "runs/round"],
