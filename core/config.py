@@ -105,6 +105,13 @@ class ServerConfig:
     redis_timeout_seconds: float = limits(2.0, gt=0, le=60)
     retry_after_seconds: int = limits(1, ge=1, le=3600)
     shutdown_timeout_seconds: float = limits(20.0, gt=0, le=600)
+    # HTTP connection hygiene (aiohttp's defaults keep an idle connection 3,630 s and wait forever for
+    # headers): an idle keep-alive connection is closed after this long, and a request whose line and
+    # headers have not all arrived this long after its first byte is answered 408 and closed.
+    keepalive_timeout_seconds: float = limits(75.0, gt=0, le=3600)
+    header_timeout_seconds: float = limits(10.0, gt=0, le=600)
+    # A malformed request (bad HTTP, not bad events) is logged on one line, at most this many a minute.
+    bad_request_logs_per_minute: int = limits(10, ge=0, le=10_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +126,19 @@ class FlushConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """What sidecar and flusher require of Redis and how they keep headroom (README 'Redis requirements')."""
+
+    # Any maxmemory-policy but noeviction can silently drop acked counts or dedup keys: readiness fails
+    # and the flusher exits non-zero unless this says the risk is accepted.
+    allow_eviction: bool = False
+    # The sidecar answers 503 once used_memory reaches this share of maxmemory, so that Redis never
+    # refuses writes and the flusher (which frees memory) always has room to run.
+    memory_high_water_ratio: float = limits(0.9, gt=0, le=1)
+    memory_check_interval_seconds: float = limits(1.0, ge=0.05, le=60, doc="how often INFO memory is sampled")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything one pipeline's components need to know (build it with :func:`parse_config`)."""
 
@@ -129,6 +149,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     flush: FlushConfig = field(default_factory=FlushConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
     def __post_init__(self) -> None:
         pipeline = self.pipeline if "/" in self.pipeline else f"default/{self.pipeline}"
@@ -184,6 +205,10 @@ def _scalar(kind: Any, value: Any, key: tuple[str, ...]) -> Any:
         if value not in get_args(kind):
             choices = ", ".join(repr(choice) for choice in get_args(kind))
             raise _Invalid(key, f"must be one of {choices}", value)
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _Invalid(key, f"must be true or false, got {_describe(value)}", value)
         return value
     if kind is str:
         if not isinstance(value, str):
