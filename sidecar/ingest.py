@@ -91,6 +91,9 @@ def _handler(shape: Shape) -> Callable[[web.Request], Awaitable[web.Response]]:
         state = request.app[STATE]
         state.in_flight += 1
         try:
+            if state.redis_full:  # headroom for the flusher: refuse before Redis has to (a flag, no I/O)
+                return unavailable(state, "redis_full", "Redis memory is over redis.memory_high_water_ratio "
+                                   "of maxmemory until the flusher frees some")
             validator = state.validator
             content_type = request.headers.get(hdrs.CONTENT_TYPE)
             if content_type is not None and content_type != _JSON:

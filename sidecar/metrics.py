@@ -11,7 +11,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REFUSAL_REASONS = ("invalid_json", "invalid_events", "invalid_request", "unreadable_body", "payload_too_large",
-                   "unsupported_media_type", "redis_unavailable", "overloaded", "internal_error")
+                   "unsupported_media_type", "redis_unavailable", "redis_full", "overloaded", "internal_error")
 AMBIGUOUS_OUTCOMES = ("applied", "fenced", "unknown")
 
 

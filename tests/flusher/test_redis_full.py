@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 from flushkit import LuaWriter, pg_counters
-from support import flush_env, make_config, run_cli_async
+from support import flush_env, make_config, run_cli_async, throwaway_redis
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
@@ -28,18 +28,12 @@ from analytics_pipeline.flusher.staging import Staging
 MAXMEMORY = 4 * 1024 * 1024
 
 
-def _server(tmp_path: Path, *args: str) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", extra_args=args).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 @pytest.fixture
 def full_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of this test alone with a small maxmemory and the required noeviction policy."""
-    yield from _server(tmp_path, "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction")
+    with throwaway_redis(tmp_path, "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction") as server:
+        yield server
 
 
 @pytest.fixture
@@ -120,7 +114,7 @@ async def test_lock_refused_for_memory_still_flushes_exactly(
 @pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru"])
 async def test_evicting_policy_makes_the_flusher_exit_non_zero(
         tmp_path: Path, pg: asyncpg.Connection, config: Config, policy: str) -> None:
-    for server in _server(tmp_path, "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", policy):
+    with throwaway_redis(tmp_path, "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", policy) as server:
         code, out, err = await run_cli_async(["flush"], flush_env(config, REDIS_URL=server.url))
         assert code == 2, err
         assert "Traceback" not in err
@@ -138,7 +132,7 @@ async def test_evicting_policy_makes_the_flusher_exit_non_zero(
 
 async def test_config_get_refused_is_a_warning_and_a_metric(
         tmp_path: Path, pg: asyncpg.Connection, config: Config) -> None:
-    for server in _server(tmp_path, "--rename-command", "CONFIG", ""):  # as managed Redis services do
+    with throwaway_redis(tmp_path, "--rename-command", "CONFIG", "") as server:  # as managed Redis services do
         code, out, err = await run_cli_async(["flush"], flush_env(config, REDIS_URL=server.url))
         assert code == 0, err
         assert "cannot read Redis maxmemory-policy" in err
@@ -155,7 +149,7 @@ async def test_config_get_refused_is_a_warning_and_a_metric(
 
 
 async def test_policy_check_refuses_an_evicting_redis_in_process(tmp_path: Path, config: Config) -> None:
-    for server in _server(tmp_path, "--maxmemory-policy", "allkeys-lfu"):
+    with throwaway_redis(tmp_path, "--maxmemory-policy", "allkeys-lfu") as server:
         client = aioredis.Redis.from_url(server.url)
         try:
             with pytest.raises(RedisMisconfigured, match="allkeys-lfu"):
@@ -167,7 +161,7 @@ async def test_policy_check_refuses_an_evicting_redis_in_process(tmp_path: Path,
 async def test_redis_permission_error_ends_in_the_json_summary(
         tmp_path: Path, pg: asyncpg.Connection, config: Config) -> None:
     """A Redis user that may not run scripts: one JSON line naming the refusal, exit 1, no traceback."""
-    for server in _server(tmp_path):
+    with throwaway_redis(tmp_path) as server:
         admin = aioredis.Redis.from_url(server.url)
         try:
             await admin.execute_command("ACL", "SETUSER", "flusher", "on", ">pw", "~*", "+@all", "-@scripting")
