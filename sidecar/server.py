@@ -14,6 +14,7 @@ from analytics_pipeline.core.config import Config
 
 from .app import create_app
 from .appkeys import STATE
+from .connections import make_runner
 
 log = logging.getLogger("analytics_pipeline.sidecar")
 
@@ -36,8 +37,8 @@ async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = 
         log.warning("listening on non-loopback address %s: anyone who can reach it can write events; "
                     "a sidecar normally binds 127.0.0.1", server.host, extra={"host": server.host})
     app = create_app(config, config_path=config_path)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=server.shutdown_timeout_seconds)
+    runner = make_runner(app, server, access_log=None, handle_signals=False,
+                         shutdown_timeout=server.shutdown_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, backlog=1024)
     try:
