@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,3 +66,10 @@ def throwaway_redis(folder: Path, *args: str) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def fresh_ttls(ttl_seconds: int, since: float) -> range:
+    """The TTLs (whole seconds) a key given ``ttl_seconds`` after ``time.monotonic()`` was ``since`` can show now:
+    the time the test really took widens the window, so a slow or loaded machine does not fail the check."""
+    elapsed = math.ceil(time.monotonic() - since)
+    return range(ttl_seconds - elapsed - 1, ttl_seconds + 1)
