@@ -145,3 +145,18 @@ async def test_config_get_refused_is_a_warning_and_a_metric(
 async def _metric_set(sidecar: Sidecar, name: str) -> Answer | None:
     metrics = await sidecar.get("/metrics")
     return metrics if f"{name} 1.0" in metrics.body else None
+
+
+async def test_policy_is_read_again_on_reconnect(start_sidecar: SidecarFactory, sidecar_config,
+                                                 small_redis: RedisServer) -> None:
+    """A Redis that comes back with another policy (failover, restart with a new config) is judged again."""
+    sidecar = await start_sidecar(sidecar_config(redis_url=small_redis.url, redis=FAST))
+    assert (await sidecar.get("/readyz")).status == 200
+    admin = aioredis.Redis.from_url(small_redis.url)
+    try:
+        await admin.config_set("maxmemory-policy", "allkeys-lru")  # a throwaway server: allowed here
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # every connection drops
+    finally:
+        await admin.aclose()
+    ready = await _until(functools.partial(_not_ready, sidecar), "readiness failing after the reconnect")
+    assert ready.body["status"] == "misconfigured" and "allkeys-lru" in ready.body["reason"]
