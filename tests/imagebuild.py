@@ -187,13 +187,16 @@ def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     raise Unavailable(f"apt has no Debian '{SUITE}' source in {apt_dir}/sources.list(.d) to debootstrap from")
 
 
-def pip_settings(environ: dict[str, str] | None = None) -> str | None:
-    """The host's /etc/pip.conf with its ``PIP_*`` environment merged in, as pip.conf text (None if neither)."""
+def pip_settings(environ: dict[str, str] | None = None, conf: Path = Path("/etc/pip.conf")) -> str | None:
+    """The host's /etc/pip.conf with its ``PIP_*`` environment merged in, as pip.conf text (None if neither).
+
+    One file: pip refuses a config file that repeats a section, and env settings have no file of their own.
+    """
     environ = dict(os.environ) if environ is None else environ
     config = configparser.RawConfigParser()
     config.optionxform = str  # type: ignore[assignment,method-assign]  # keep option names as written
-    if Path("/etc/pip.conf").is_file():
-        config.read("/etc/pip.conf")
+    if conf.is_file():
+        config.read(conf)
     overrides = {name[4:].lower().replace("_", "-"): value for name, value in environ.items()
                  if name.startswith("PIP_") and name != "PIP_CONFIG_FILE"}
     if not overrides and not config.sections():

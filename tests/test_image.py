@@ -24,7 +24,8 @@ from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
 from analytics_pipeline.core.services import free_port
 
-pytestmark = pytest.mark.slow
+# debootstrap (first run) and the build take minutes on a busy machine: more than the suite's 300 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 # How the chart and the operator run the containers, plus the host network (the private engine has no bridge).
 LOCKED_DOWN = ("--network", "host", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
