@@ -62,14 +62,17 @@ def run(image: tuple[imagebuild.Engine, str], *args: str, env: dict[str, str] | 
 
 
 def test_runs_as_uid_10001_on_a_read_only_root_without_installers(image: tuple[imagebuild.Engine, str]) -> None:
-    probe = ("import importlib.util, json, os, shutil\n"
-             "try:\n    open('/opt/venv/probe', 'w'); writable = True\nexcept OSError as e:\n    writable = e.errno\n"
-             "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'writable': writable,"
-             " 'pip': importlib.util.find_spec('pip') is not None,"
+    # /tmp (the WORKDIR) is world-writable in the image: only the read-only root can refuse the write.
+    probe = ("import importlib.util, json, os, re, shutil\n"
+             "try:\n    open('/tmp/probe', 'w'); writable = True\nexcept OSError as e:\n    writable = e.errno\n"
+             "caps = re.search(r'CapEff:\\s*(\\w+)', open('/proc/self/status').read()).group(1)\n"
+             "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'cwd': os.getcwd(), 'writable': writable,"
+             " 'capabilities': int(caps, 16), 'pip': importlib.util.find_spec('pip') is not None,"
              " 'compilers': [c for c in ('gcc', 'cc', 'make') if shutil.which(c)]}))")
     facts = json.loads(run(image, "-c", probe, entrypoint="python3"))
     print(f"\n[image] {facts}")
-    assert facts == {"uid": 10001, "gid": 10001, "writable": 30, "pip": False, "compilers": []}  # 30: EROFS
+    assert facts == {"uid": 10001, "gid": 10001, "cwd": "/tmp", "writable": 30,  # 30: EROFS
+                     "capabilities": 0, "pip": False, "compilers": []}
     assert imagebuild.VERSION in run(image, "--version")
 
 
