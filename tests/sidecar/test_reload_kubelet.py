@@ -68,7 +68,7 @@ async def test_symlink_swap_applies_new_ttl_and_an_invalid_file_keeps_the_old_co
     reloads = sidecar.metrics.config_reloads
 
     since = time.monotonic()
-    assert (await sidecar.post("/v1/events", {"event": "before"})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "before"})).status == 200
     now = datetime.now(UTC)
     assert await redis_client.ttl(keys.daily(now)) in fresh_ttls(7 * 86400, since)  # the default TTL
 
@@ -79,7 +79,7 @@ async def test_symlink_swap_applies_new_ttl_and_an_invalid_file_keeps_the_old_co
     await _eventually(lambda: sidecar.app[CONFIG].counters.ttl_seconds == 3600)
     assert reloads.labels("applied")._value.get() == 1
     since = time.monotonic()
-    assert (await sidecar.post("/v1/events", {"event": "after"})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "after"})).status == 200
     assert await redis_client.ttl(keys.daily(datetime.now(UTC))) in fresh_ttls(3600, since)
     assert await redis_client.hget(keys.daily(datetime.now(UTC)), "after") == "1"
 
@@ -89,7 +89,7 @@ async def test_symlink_swap_applies_new_ttl_and_an_invalid_file_keeps_the_old_co
     assert sidecar.app[CONFIG].counters.ttl_seconds == 3600
     assert (await sidecar.get("/readyz")).status == 200
     since = time.monotonic()
-    assert (await sidecar.post("/v1/events", {"event": "still"})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "still"})).status == 200
     assert await redis_client.ttl(keys.daily(datetime.now(UTC))) in fresh_ttls(3600, since)
 
     # A good file after the bad one is applied again.
