@@ -69,7 +69,7 @@ def with_one_stale(calls: list[Call]) -> tuple[list[Call], int]:
     an SDK batches them together. Returns the calls and the stale call's position."""
     stale_at = (datetime.now(UTC) - timedelta(days=8)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     good = [c for c in calls if c.kind == "track"][:20]
-    return good[:10] + [Call("track", "user-9", stale_at, event="Too Old")] + good[10:], 10
+    return [*good[:10], Call("track", "user-9", stale_at, event="Too Old"), *good[10:]], 10
 
 
 @pytest.mark.parametrize("sdk", PYTHON_SDKS + NODE_SDKS)
