@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean node-sdks
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,20 @@ $(STAMP): pyproject.toml
 		|| $(BIN)/python -m pip install -q pgserver
 	touch $(STAMP)
 
+# The npm SDKs of tests/sdk/ (@segment/analytics-node, posthog-node), from package-lock.json. Without
+# npm the Node SDK tests skip and say why (they fail in CI, where .ci/run installs npm).
+NODE_SDKS := tests/sdk/node_modules/.package-lock.json
+$(NODE_SDKS): tests/sdk/package-lock.json
+	cd tests/sdk && npm ci --no-audit --no-fund --prefer-offline --cache ../../.cache/npm
+
+node-sdks:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(NODE_SDKS); \
+	else echo "npm not found: the Node SDK tests (tests/sdk/) will be skipped"; fi
+
 demo: $(STAMP)
 	$(BIN)/analytics-pipeline demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) node-sdks
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -41,4 +51,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis tests/sdk/node_modules
