@@ -32,14 +32,6 @@ _USER_FIELDS = ("user_id", "userId", "distinct_id", "anonymousId")
 _MESSAGE_FIELDS = ("message_id", "messageId", "uuid")
 
 
-class Parsed(NamedTuple):
-    """A batch parsed with partial acceptance: the valid events and the reasons for the refused ones."""
-
-    events: list[Event]
-    rejected: list[FieldError]
-    total: int  # events in the request, valid or not
-
-
 class Event(NamedTuple):
     """One validated event, normalised: UTC timestamp, canonical field names.
 
@@ -90,6 +82,9 @@ class RequestRejected(Exception):
                 "errors": [e.as_dict() for e in self.errors]}
 
 
+_NO_ERRORS: list[FieldError] = []  # shared, never appended to: what a batch without errors returns
+
+
 def _has_control(text: str) -> bool:
     return not text.isprintable()
 
@@ -135,13 +130,14 @@ class EventValidator:
         return self._parse(body, shape, now, call_type, partial=False)[0]
 
     def parse_partial(self, body: bytes, *, shape: Shape = "any", now: datetime | None = None,
-                      call_type: str | None = None) -> Parsed:
-        """Like :meth:`parse`, but a batch's valid events are kept and its invalid ones listed.
+                      call_type: str | None = None) -> tuple[list[Event], list[FieldError], int]:
+        """Like :meth:`parse`, but a batch's valid events are kept and its invalid ones listed:
+        (valid events, the refused events' errors, how many events the request held).
 
         Still RequestRejected when the request itself is unreadable (not JSON, too large, wrong shape)
         or when not one of its events is valid.
         """
-        return Parsed(*self._parse(body, shape, now, call_type, partial=True))
+        return self._parse(body, shape, now, call_type, partial=True)
 
     def _parse(self, body: bytes, shape: Shape, now: datetime | None, call_type: str | None,
                partial: bool) -> tuple[list[Event], list[FieldError], int]:
@@ -184,7 +180,7 @@ class EventValidator:
             if event is None:
                 return self._validate(raw_events, now, check_size, partial)
             append(event)
-        return events, [], len(raw_events)
+        return events, _NO_ERRORS, len(raw_events)
 
     def _validate(self, raw_events: list[Any], now: datetime, check_size: bool,
                   partial: bool) -> tuple[list[Event], list[FieldError], int]:

@@ -173,12 +173,13 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
             else:
                 events, rejected, total = validator.parse_partial(body, shape=shape, call_type=call_type)
             uncounted = validator.uncounted_events
-            if uncounted:
-                counted = [event for event in events if event.event_type not in uncounted]
-                not_counted = len(events) - len(counted)
-                if not_counted:
+            for event in events:  # usually one event that is counted: a loop that ends at once
+                if event.event_type in uncounted:
                     state.metrics.not_counted(events, uncounted)
+                    counted = [event for event in events if event.event_type not in uncounted]
+                    not_counted = len(events) - len(counted)
                     events = counted
+                    break
             duplicates = await state.committer.submit(events) if events else 0
         except RequestRejected as refused:
             return refuse(state, refused)
