@@ -110,3 +110,26 @@ async def test_all_or_nothing_refuses_the_whole_batch(
     assert "nothing of this request was counted" in answer.body["message"]
     assert await pipeline_keys(redis_client, keys) == []
     assert sidecar.metrics.events_refused.labels("invalid_events")._value.get() == 21
+
+
+async def test_a_partial_batch_whose_write_fails_is_503_and_nothing_counted(
+        start_sidecar: SidecarFactory, sidecar_config, private_redis, keys: PipelineKeys) -> None:
+    """Acked means stored holds for partial batches: their valid events are one atomic write like any other."""
+    import asyncio
+
+    sidecar = await start_sidecar(sidecar_config(redis_url=private_redis.url,
+                                                 server={"redis_timeout_seconds": 0.3}))
+    await asyncio.to_thread(private_redis.stop)
+    answer = await sidecar.post("/v1/batch", {"batch": mixed_batch()})
+    assert answer.status == 503 and "rejected" not in answer.body
+    assert answer.body["code"] == "redis_unavailable" and answer.body["detail"]
+    assert sidecar.metrics.events_accepted._value.get() == 0
+    assert sidecar.metrics.events_rejected.labels("timestamp_past")._value.get() == 0  # only for stored answers
+    await asyncio.to_thread(private_redis.start)
+    client = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        retried = await sidecar.post("/v1/batch", {"batch": mixed_batch()})
+        assert (retried.status, retried.body["accepted"], len(retried.body["rejected"])) == (200, 20, 1)
+        assert sum((await kind_totals(client, keys, "d")).values()) == 20
+    finally:
+        await client.aclose()

@@ -227,7 +227,7 @@ class ReplyDroppingProxy:
             task.cancel()
 
 
-async def test_lost_reply_of_an_applied_write_is_answered_202_exactly(
+async def test_lost_reply_of_an_applied_write_is_answered_200_exactly(
         start_sidecar: SidecarFactory, sidecar_config, private_redis: RedisServer, keys: PipelineKeys) -> None:
     proxy = ReplyDroppingProxy(private_redis.port)
     url = await proxy.start()
