@@ -76,11 +76,13 @@ class LiveSidecar:
         return [a for a in self.answers if a.method == "POST"]
 
     def events_answered(self) -> int:
-        """Events the sidecar saw in all posts: accepted + duplicates + rejected (as each answer says)."""
+        """Events the sidecar saw in all posts, as its answers account for them: accepted + duplicates +
+        not_counted + rejected (by index). Equal to the SDK's calls when each was sent exactly once."""
         total = 0
         for answer in self.ingest_answers():
             body = answer.body if isinstance(answer.body, dict) else {}
-            total += int(body.get("accepted", 0)) + int(body.get("duplicates", 0)) + len(body.get("rejected") or [])
+            rejected = {r.get("index") for r in body.get("rejected") or []}
+            total += body.get("accepted", 0) + body.get("duplicates", 0) + body.get("not_counted", 0) + len(rejected)
         return total
 
     def duplicates(self) -> int:

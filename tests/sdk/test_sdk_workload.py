@@ -24,14 +24,15 @@ def expected_for(sdk: str, calls: list[Call]) -> dict[str, int]:
     return expected_posthog(calls) if sdk.startswith("posthog") else expected_segment(calls)
 
 
-def assert_sent_once(sidecar: LiveSidecar) -> None:
-    """Every request answered 200, none of them a retry, no event seen twice."""
+def assert_sent_once(sidecar: LiveSidecar, events: int) -> None:
+    """Every request answered 200, none of them a retry, each of the ``events`` seen exactly once."""
     answers = sidecar.ingest_answers()
     assert answers, "the SDK sent nothing"
     assert {a.status for a in answers} == {200}, [(a.path, a.status, a.body) for a in answers if a.status != 200]
     retries = [a.headers.get("x-retry-count") or a.headers.get("posthog-attempt") for a in answers]
     assert set(retries) <= {None, "0", "1"}, f"retried requests: {retries}"
     assert sidecar.duplicates() == 0
+    assert sidecar.events_answered() == events
 
 
 def expected_route(sdk: str) -> str:
@@ -45,7 +46,7 @@ async def test_python_sdk_workload_counted_exactly(sdk: str, start_sidecar, sdk_
     calls = workload()
     run = await asyncio.wait_for(asyncio.to_thread(run_python_sdk, sdk, sidecar.url, calls), 240)
     assert run.errors == [] and run.not_queued == 0
-    assert_sent_once(sidecar)
+    assert_sent_once(sidecar, len(calls))
     assert {a.path.split("?")[0] for a in sidecar.ingest_answers()} == {expected_route(sdk)}
     expected = expected_for(sdk, calls)
     assert await sidecar.wait_totals(expected) == expected
@@ -58,7 +59,7 @@ async def test_node_sdk_workload_counted_exactly(sdk: str, node_sdks, start_side
     run = await run_node(sdk.split("-")[0], sidecar.url, calls)
     assert run.errors == [] and run.sent == len(calls), run.stderr
     assert set(run.statuses) == {200}
-    assert_sent_once(sidecar)
+    assert_sent_once(sidecar, len(calls))
     assert {a.path.split("?")[0] for a in sidecar.ingest_answers()} == {expected_route(sdk)}
     expected = expected_for(sdk, calls)
     assert await sidecar.wait_totals(expected) == expected
@@ -86,7 +87,7 @@ async def test_one_invalid_event_in_an_sdk_batch_counts_the_rest(sdk: str, reque
     expected = expected_for(sdk, [c for i, c in enumerate(calls) if i != stale])
     assert sum(expected.values()) == 20
     assert await sidecar.wait_totals(expected) == expected
-    assert_sent_once(sidecar)
+    assert_sent_once(sidecar, len(calls))
     rejected = [r for a in sidecar.ingest_answers() if isinstance(a.body, dict) for r in a.body.get("rejected") or []]
     if sdk == "posthog-python-v1":
         # Capture v1 answers per event: the stale one is a "drop" in the results map, which the SDK
@@ -119,4 +120,4 @@ async def test_full_queue_drops_nothing(sdk: str, request: pytest.FixtureRequest
     assert errors == [] and not_queued == 0
     expected = {f"event-{n}": 400 for n in range(5)}
     assert await sidecar.wait_totals(expected) == expected
-    assert_sent_once(sidecar)
+    assert_sent_once(sidecar, len(calls))
