@@ -22,6 +22,7 @@ import zlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -201,21 +202,38 @@ def bomb(size: int = 64 * 2**20) -> bytes:
     return gzip.compress(b"\0" * size, compresslevel=9)
 
 
-@pytest.mark.parametrize("how", ["gzip", "deflate", "gzip-js", "sniffed"])
-async def test_zip_bomb_refused_with_413(how: str, start_sidecar, sdk_config) -> None:  # type: ignore[no-untyped-def]
-    """A small body that inflates to 64 MiB: refused with 413 once the inflated bytes pass the body limit,
-    nothing counted (Content-Encoding gzip/deflate on the Segment route, PostHog's gzip-js and sniffed gzip)."""
+async def lz64_bomb(node_modules: Path, size: int = 2**20) -> bytes:
+    """``size`` characters compressed by the npm lz-string (as posthog-js did): 1 MiB in ~2.3 KiB of base64
+    text (lz-string needs seconds for more: its phrases grow with the square root of the input)."""
+    script = f"process.stdout.write(require('lz-string').compressToBase64('a'.repeat({size})))"
+    process = await asyncio.create_subprocess_exec("node", "-e", script, cwd=node_modules.parent,
+                                                   stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0 and stdout
+    return stdout
+
+
+@pytest.mark.parametrize("how", ["gzip", "deflate", "gzip-js", "sniffed", "lz64"])
+async def test_zip_bomb_refused_with_413(how: str, request: pytest.FixtureRequest,
+                                         start_sidecar, sdk_config) -> None:  # type: ignore[no-untyped-def]
+    """A small body that inflates to 1-64 MiB: refused with 413 once the inflated bytes pass the body limit,
+    nothing counted (Content-Encoding gzip/deflate on the Segment route, PostHog's gzip-js, sniffed gzip
+    and lz64)."""
     config = sdk_config()
     sidecar = await start_sidecar(config)
     payload = bomb()
     if how == "deflate":
         payload = zlib.compress(b"\0" * 64 * 2**20, 9)
+    elif how == "lz64":
+        payload = await lz64_bomb(request.getfixturevalue("node_sdks"))
     assert len(payload) < config.ingest.max_request_bytes
     if how in ("gzip", "deflate"):
         status, answer = await post(sidecar, "/v1/batch", payload,
                                     {"Content-Type": "application/json", "Content-Encoding": how})
     elif how == "gzip-js":
         status, answer = await post(sidecar, "/e/?compression=gzip-js", payload, {"Content-Type": "text/plain"})
+    elif how == "lz64":
+        status, answer = await post(sidecar, "/e/?compression=lz64", payload, {"Content-Type": "text/plain"})
     else:
         status, answer = await post(sidecar, "/batch/", payload, {"Content-Type": "text/plain"})
     assert status == 413, answer
