@@ -48,6 +48,8 @@ async def test_python_sdk_workload_counted_exactly(sdk: str, start_sidecar, sdk_
     assert run.errors == [] and run.not_queued == 0
     assert_sent_once(sidecar, len(calls))
     assert {a.path.split("?")[0] for a in sidecar.ingest_answers()} == {expected_route(sdk)}
+    if sdk == "posthog-python-v1":
+        assert all(a.headers["authorization"] == "Bearer phc_test_key" for a in sidecar.ingest_answers())
     expected = expected_for(sdk, calls)
     assert await sidecar.wait_totals(expected) == expected
 
