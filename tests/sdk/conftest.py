@@ -3,7 +3,6 @@ the PostgreSQL schema for the query path, and the npm SDKs installed with ``npm 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -13,14 +12,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from support import REPO, make_config
+from support import REPO, ensure_schema, make_config, unregister_pipeline
 
 from analytics_pipeline.core.config import Config
-from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
 from analytics_pipeline.sidecar.app import create_app
 
 # Test modules here import sdk_support (a unique name, so nothing else is shadowed).
@@ -28,27 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sdk_support import SDK_DIR, LiveSidecar, answer_log
 
-StartSidecar = Callable[..., "asyncio.Future[LiveSidecar]"]
-
 
 @pytest.fixture(scope="session")
 def schema(database_url: str) -> str:
     """The schema applied once per session when something is missing (the query path reads PostgreSQL)."""
-
-    async def migrate() -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            names = [name for _, name in schema_objects()]
-            found = await conn.fetchval("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = "
-                                        "c.relnamespace WHERE n.nspname = current_schema() AND "
-                                        "c.relname = ANY($1::text[])", names)
-            if found != len(names):
-                await apply_schema(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(migrate())
-    return database_url
+    return ensure_schema(database_url)
 
 
 @pytest.fixture
@@ -86,15 +67,7 @@ async def start_sidecar(redis_client: aioredis.Redis) -> AsyncIterator[Callable[
 def _unregister_pipeline(redis_url: str, pipeline: str) -> Iterator[None]:
     """Take the test pipeline out of ``ap:pipelines`` afterwards, so ``flush --all`` runs elsewhere skip it."""
     yield
-    import redis
-
-    from analytics_pipeline.core.keys import PIPELINES_SET
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.srem(PIPELINES_SET, pipeline)
-    finally:
-        client.close()
+    unregister_pipeline(redis_url, pipeline)
 
 
 @pytest.fixture(scope="session")
