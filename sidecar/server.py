@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -11,22 +10,13 @@ import signal
 from aiohttp import web
 
 from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.net import is_loopback
 
 from .app import create_app
 from .appkeys import STATE
 from .probe_listener import start_probe_listener
 
 log = logging.getLogger("analytics_pipeline.sidecar")
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (the only safe binding for a sidecar)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = None,
