@@ -85,7 +85,8 @@ def strict(fn: kopf.WebhookFn) -> kopf.WebhookFn:
         try:
             request = check(review)
         except MalformedReview as error:
-            uid = review.get("request", {}).get("uid") if isinstance(review, Mapping) else None
+            request = review.get("request") if isinstance(review, Mapping) else None
+            uid = request.get("uid") if isinstance(request, Mapping) else None
             logger.warning("refused a malformed admission review: %s", error)
             raise bad_request(uid if isinstance(uid, str) else "", str(error)) from None
         if not is_pod_creation(request):
