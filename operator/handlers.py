@@ -115,10 +115,7 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True,
         except KubeApiError as error:
             if ctx.api.closed:
                 return
-            hint = ("; the operator needs 'list' on pods (the chart's webhook.countInjectedPods), or run it with "
-                    "--no-count-injected-pods") if error.status == 403 else "; retrying at the next resync"
-            logger.warning("%s/%s: could not count the pods carrying its sidecar (status.injectedPods): %s%s",
-                           namespace, name, error, hint)
+            logger.warning("%s/%s: %s", namespace, name, webhook.count_failure_message(error))
 
     if injection is not None:
         webhook.register(registry, injection)

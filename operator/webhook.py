@@ -212,3 +212,11 @@ async def update_injected_pods(api: KubeApi, namespace: str, name: str, status: 
     if status.get("injectedPods") != count:
         await api.patch(pipeline_path(namespace, name, status=True), {"status": {"injectedPods": count}})
     return count
+
+
+def count_failure_message(error: KubeApiError) -> str:
+    """Why ``status.injectedPods`` could not be counted; the RBAC hint only when the API server said 403."""
+    if error.status == 403:
+        return (f"could not count the pods carrying its sidecar (status.injectedPods): {error}; the operator needs "
+                "'list' on pods (chart value webhook.countInjectedPods), or run it with --no-count-injected-pods")
+    return f"could not count the pods carrying its sidecar (status.injectedPods): {error}; retrying at the next resync"
