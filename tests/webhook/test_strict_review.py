@@ -21,7 +21,8 @@ from analytics_pipeline.operator import crd
 from analytics_pipeline.operator.reconcile import OperatorContext
 from analytics_pipeline.operator.webhook import LOOKUPS_PER_INTERVAL, WebhookOptions
 
-pytestmark = pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")]
 
 
 @asynccontextmanager
