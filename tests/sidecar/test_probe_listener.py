@@ -5,7 +5,9 @@ talks to both, over a second local address standing in for the pod IP."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from datetime import UTC, datetime
 
 import aiohttp
@@ -15,6 +17,7 @@ from sidecar_helpers import first_event_accepted
 
 from analytics_pipeline.core.keys import PipelineKeys
 from analytics_pipeline.core.services import free_port
+from analytics_pipeline.operator import crd, render
 from analytics_pipeline.sidecar.server import serve
 
 
@@ -92,3 +95,33 @@ async def test_probe_listener_port_in_use_is_a_clear_error(sidecar_config,
         blocker.close()
         await blocker.wait_closed()
     assert any("probe listener" in record.getMessage() for record in caplog.records)
+
+
+async def test_the_operators_rendered_config_runs_a_sidecar_with_both_listeners(
+        tmp_path, redis_url: str, pipeline: str,
+        redis_client: aioredis.Redis) -> None:  # type: ignore[no-untyped-def]  # redis_client: cleans the keys
+    """The ConfigMap's config.yaml as the operator renders it, run by the real `analytics-pipeline sidecar`
+    command: ingest on loopback only, probes on every address."""
+    port, health_port = free_port(), free_port()
+    namespace, name = pipeline.split("/")
+    spec = {"redis": {"secretRef": {"name": "c"}}, "postgres": {"secretRef": {"name": "c"}},
+            "sidecar": {"port": port, "healthPort": health_port}}
+    desired = render.desired_state(namespace, name, spec, default_image="img:1")
+    config_file = tmp_path / crd.CONFIG_KEY
+    config_file.write_text(desired.configmap["data"][crd.CONFIG_KEY], encoding="utf-8")
+    env = {**os.environ, "REDIS_URL": redis_url}
+    env.pop("ANALYTICS_CONFIG", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "analytics_pipeline", "sidecar", "--config", str(config_file), "--no-reload",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert await first_event_accepted(port, 500, 0.02)
+        async with aiohttp.ClientSession() as session:
+            address = pod_addresses()[-1]
+            assert await status(session, "GET", f"http://{address}:{health_port}/readyz") == 200
+            assert await status(session, "POST", f"http://{address}:{health_port}/v1/events",
+                                json={"event": "x"}) in (404, 405)
+            assert await refused(f"http://{address}:{port}/healthz")
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
