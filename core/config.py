@@ -116,6 +116,11 @@ class ServerConfig:
     redis_timeout_seconds: float = limits(2.0, gt=0, le=60)
     retry_after_seconds: int = limits(1, ge=1, le=3600)
     shutdown_timeout_seconds: float = limits(20.0, gt=0, le=600)
+    # --- The probe listener (Kubernetes): a second address serving ONLY /healthz, /readyz and /metrics, so
+    # the kubelet and Prometheus reach the sidecar on the pod IP while ingest, queries and the dashboard stay
+    # on `host` (loopback). None = no second listener (outside Kubernetes; the main one serves all routes).
+    health_host: str = "0.0.0.0"
+    health_port: int | None = limits(None, ge=0, le=65535, doc="None: no probe listener; 0: any free port")
 
 
 @dataclass(frozen=True, slots=True)
