@@ -75,7 +75,7 @@ ROUTES: tuple[Route, ...] = (
     *_segment_calls(),
     Route("/v1/batch", "batch", "segment"),
     Route("/v1/import", "batch", "segment"),
-    *_both("/batch", "batch", "posthog"),
+    *_both("/batch", "any", "posthog"),  # PostHog's /batch takes what /e takes: an event, an array or {"batch"}
     *_both("/capture", "any", "posthog"),
     *_both("/e", "any", "posthog"),
     *_both("/i/v0/e", "any", "posthog"),

@@ -35,7 +35,7 @@ from sdk_support import FIXTURES, Call, LiveSidecar, run_node
 import analytics_pipeline.core.events as events_module
 
 EVENT_ROUTES = ["/capture/", "/capture", "/e/", "/e", "/i/v0/e/", "/track/", "/batch/"]
-JS_ROUTES = EVENT_ROUTES[:-1]  # posthog-js posts to /e/ (arrays too); /batch/ takes {"batch": [...]} here
+JS_ROUTES = EVENT_ROUTES  # posthog-js posts to /e/; PostHog's /batch/ takes the same bodies
 NOT_COUNTED = {"$identify", "$set", "$create_alias", "$groupidentify", None}
 RECORDINGS = sorted(path.name for path in FIXTURES.glob("posthog-js-*.json"))
 
