@@ -119,6 +119,18 @@ class FlushConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryConfig:
+    """How the read endpoints keep away from ingest (docs/queries.md, "Reads never block writes")."""
+
+    # Per-user counts and uniques read per-user buckets; more than this many at once per sidecar get 429.
+    max_concurrent: int = limits(2, ge=1, le=64, doc="heavy queries (per-user counts, uniques) at once")
+    wait_seconds: float = limits(0.25, ge=0, le=60, doc="how long a heavy query may wait for a slot")
+    retry_after_seconds: int = limits(1, ge=1, le=3600, doc="Retry-After of a refused query")
+    # Fields per HSCAN piece of a per-user bucket: each piece is one short Redis call (~0.1-0.3 ms at 1000).
+    scan_count: int = limits(1000, ge=10, le=100_000, doc="hash fields per HSCAN piece")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything one pipeline's components need to know (build it with :func:`parse_config`)."""
 
@@ -129,6 +141,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     flush: FlushConfig = field(default_factory=FlushConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
 
     def __post_init__(self) -> None:
         pipeline = self.pipeline if "/" in self.pipeline else f"default/{self.pipeline}"

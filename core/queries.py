@@ -44,6 +44,7 @@ from .keys import (
     days_between,
     hour_bucket,
     hours_between,
+    parse_bucket,
     user_field,
 )
 
@@ -186,7 +187,7 @@ def _text(value: bytes | str) -> str:
 class _Request:
     kind: BucketKind
     bucket: str
-    op: Literal["get", "sum", "all", "users", "usersum"]
+    op: Literal["get", "sum", "all", "keys", "users", "usersum"]
     arg: str = ""
 
 
@@ -253,59 +254,112 @@ def parse_moment(parameter: str, text: str) -> date | datetime:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise QueryInputError(parameter, f"not a date (YYYY-MM-DD) or ISO 8601 datetime: {text!r}") from None
-    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00 is in the year 10000 in UTC
+        raise QueryInputError(parameter, f"out of range: {text!r} is not between 0001-01-01 and 9999-12-31 "
+                              "in UTC") from None
 
 
 def resolve_range(granularity: str, start: str | None, end: str | None,
                   now: datetime | None = None) -> tuple[date | datetime, date | datetime]:
     """Parse ``from``/``to`` texts; defaults: up to now, the last 48 hours (hour) or 30 days (day)."""
     now = now or datetime.now(UTC)
-    if granularity == "hour":
-        last: date | datetime = parse_moment("to", end) if end else now
+    try:
+        if granularity == "hour":
+            last: date | datetime = parse_moment("to", end) if end else now
+            if start:
+                return parse_moment("from", start), last
+            last_hour = last if isinstance(last, datetime) else datetime(last.year, last.month, last.day, 23,
+                                                                         tzinfo=UTC)
+            return last_hour - timedelta(hours=DEFAULT_HOURS - 1), last
+        last = parse_moment("to", end) if end else now.date()
         if start:
             return parse_moment("from", start), last
-        last_hour = last if isinstance(last, datetime) else datetime(last.year, last.month, last.day, 23, tzinfo=UTC)
-        return last_hour - timedelta(hours=DEFAULT_HOURS - 1), last
-    last = parse_moment("to", end) if end else now.date()
-    if start:
-        return parse_moment("from", start), last
-    return (last.date() if isinstance(last, datetime) else last) - timedelta(days=DEFAULT_DAYS - 1), last
+        return (last.date() if isinstance(last, datetime) else last) - timedelta(days=DEFAULT_DAYS - 1), last
+    except OverflowError:  # only the default start can overflow: parse_moment refuses the rest
+        span = f"{DEFAULT_HOURS} hours" if granularity == "hour" else f"{DEFAULT_DAYS} days"
+        raise QueryInputError("to", f"too early: the default range (the {span} up to 'to') would start "
+                              "before 0001-01-01; give 'from' as well") from None
+
+
+# Point reads of small hashes (daily/hourly buckets: one field per event type; one per-user field) go
+# into MULTI/EXEC, at most this many per transaction so that none holds Redis for more than ~1 ms.
+MULTI_COMMANDS = 1000
+_SMALL_OPS = frozenset({"get", "sum", "all", "keys"})
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _queue(pipe: Any, request: _Request, key: str) -> None:
-    """The one Redis command that answers ``request`` on ``key`` (reduced by :func:`_reduce`)."""
+    """The one Redis command that answers a small-hash ``request`` on ``key`` (reduced by :func:`_reduce`).
+
+    Only daily/hourly buckets are read whole (one field per event type); per-user buckets are read
+    by HGET/HMGET of known fields or in HSCAN pieces (:meth:`Queries._scan`), never whole.
+    """
     if request.op == "get":
         pipe.hget(key, request.arg)
     elif request.op == "sum":
         pipe.hvals(key)
-    elif request.op == "users":
+    elif request.op == "keys":
         pipe.hkeys(key)
-    else:  # all, usersum
+    elif request.op == "all":
         pipe.hgetall(key)
+    else:
+        raise ValueError(f"{request.op!r} is not a small-hash read")
 
 
 def _reduce(request: _Request, reply: Any) -> Any:
-    """A raw reply as :class:`RedisView` reads it: a number, flat field/count pairs, or user ids."""
+    """A raw reply as :class:`RedisView` reads it: a number, flat field/count pairs, or names."""
     op = request.op
     if op == "get":
         return int(reply or 0)
     if op == "sum":
         return sum(int(value) for value in reply)
+    if op == "keys":
+        return [_text(name) for name in reply]
     if op == "all":
         return [item for pair in reply.items() for item in pair]
-    separator = USER_FIELD_SEPARATOR
-    if op == "users":
-        wanted = request.arg
-        users: dict[str, None] = {}  # distinct, in field order
-        for field in reply:
-            event_type, found, user = _text(field).partition(separator)
-            if found and (not wanted or event_type == wanted):
-                users[user] = None
-        return list(users)
-    if op == "usersum":
-        return sum(int(count) for field, count in reply.items()
-                   if _text(field).partition(separator)[2] == request.arg)
     raise ValueError(f"unknown snapshot op {op!r}")
+
+
+@dataclass
+class _Scan:
+    """One per-user bucket (live or staged) read in HSCAN pieces; ``found`` merges the pieces (a piece
+    may repeat a field: merging by name counts it once)."""
+
+    request: _Request
+    key: str
+    slot: list[Any]
+    index: int
+    cursor: int = 0
+    found: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def match(self) -> str | None:
+        if self.request.op == "users":
+            return _glob_escape(self.request.arg) + USER_FIELD_SEPARATOR + "*" if self.request.arg else None
+        return "*" + USER_FIELD_SEPARATOR + _glob_escape(self.request.arg)  # usersum
+
+    def add(self, piece: dict[Any, Any]) -> None:
+        for name, count in piece.items():
+            self.found[_text(name)] = count
+
+    def result(self) -> Any:
+        separator = USER_FIELD_SEPARATOR
+        if self.request.op == "users":
+            wanted = self.request.arg
+            users: dict[str, None] = {}  # distinct, in field order
+            for name in self.found:
+                event_type, found, user = name.partition(separator)
+                if found and (not wanted or event_type == wanted):
+                    users[user] = None
+            return list(users)
+        return sum(int(count) for name, count in self.found.items()  # usersum
+                   if name.partition(separator)[2] == self.request.arg)
 
 
 class Queries:
@@ -313,11 +367,16 @@ class Queries:
 
     ``redis_days`` bounds how far back :meth:`event_types` looks for unflushed daily buckets when no
     start is given (live buckets cannot outlive the counter TTL; see :meth:`for_config`).
-    ``after_snapshot`` is a test hook run between the Redis snapshot and the PostgreSQL read.
+    ``scan_count`` is the COUNT of each HSCAN piece of a per-user bucket. ``types_from_daily``: a
+    user's counts over all event types are HMGET of ``event_type US user_id`` for the event types the
+    daily buckets and rows know (needs the ``daily`` granularity on; else the user's fields are
+    found with HSCAN MATCH in bounded pieces). ``after_snapshot`` is a test hook run between the
+    Redis snapshot and the PostgreSQL read.
     """
 
     def __init__(self, client: aioredis.Redis, db: asyncpg.Pool | asyncpg.Connection, pipeline: str, *,
                  redis_days: int = 16, max_retries: int = 3, max_holds: int = 3, hold_ms: int = 2000,
+                 scan_count: int = 1000, types_from_daily: bool = True,
                  after_snapshot: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.client = client
         self.db = db
@@ -326,6 +385,8 @@ class Queries:
         self.max_retries = max_retries
         self.max_holds = max_holds
         self.hold_ms = hold_ms
+        self.scan_count = scan_count
+        self.types_from_daily = types_from_daily
         self.after_snapshot = after_snapshot
         self.retries = 0  # lost seqlock races so far (observability and tests)
         self.holds = 0  # times claims were parked
@@ -336,6 +397,8 @@ class Queries:
                    **options: Any) -> Queries:
         """Queries of ``config.pipeline``, looking back far enough for any live bucket (2 x TTL + 2 days)."""
         ttl_days = -(-config.counters.ttl_seconds // 86400)
+        options = {"scan_count": config.queries.scan_count,
+                   "types_from_daily": "daily" in config.counters.granularities, **options}
         return cls(client, db, config.pipeline, redis_days=2 * ttl_days + 2, **options)
 
     # public API ---------------------------------------------------------------------------------
@@ -390,13 +453,12 @@ class Queries:
         today = datetime.now(UTC).date()
         first = _as_day(start) if start is not None else None
         last = _as_day(end) if end is not None else None
-        if first is not None and last is not None:
-            _check_range(first, last, (last - first).days + 1)
-        redis_first = first or today - timedelta(days=self.redis_days)
-        redis_last = last or today + timedelta(days=1)
+        if first is not None and last is not None and last < first:
+            raise QueryInputError("to", "must not be before 'from'")
+        # live buckets cannot be older than redis_days (nor from after tomorrow): any range is fine
+        redis_first = max(first or date.min, today - timedelta(days=self.redis_days))
+        redis_last = min(last or date.max, today + timedelta(days=1))
         days = days_between(redis_first, redis_last) if redis_last >= redis_first else []
-        if len(days) > MAX_BUCKETS:
-            raise QueryInputError("from", f"range too long: {len(days)} days (at most {MAX_BUCKETS})")
         requests = [_Request("d", day_bucket(d), "all") for d in days]
 
         async def from_postgres(conn: asyncpg.Connection, view: RedisView) -> list[EventTotal]:
@@ -540,34 +602,143 @@ class Queries:
         else:
             yield self.db
 
-    async def _snapshot(self, requests: list[_Request]) -> tuple[bytes | str, list[Any], dict[str, list[Any]]]:
+    async def _snapshot(self, conn: asyncpg.Connection,
+                        requests: list[_Request]) -> tuple[bytes | str, list[Any], dict[str, list[Any]]]:
         """``claim_seq``, the requests' replies on the live buckets, and per in-flight unit on its staged copies.
 
-        Two round trips, no Lua (moving 20,000 per-user fields into a script cost 11 ms, as raw
-        replies 4): claim_seq, the in-flight units and the live buckets in ONE MULTI/EXEC, then the
-        units' staging keys. That is as good as one atomic read: no claim may happen in between (the
-        seqlock retries if claim_seq moved), and a unit's staging keys never change once claimed and
-        are deleted only after its ledger row is committed — then the PostgreSQL snapshot, taken after
-        this, sees the ledger row and skips the unit whatever was read of it.
+        No Redis call does work proportional to the users of a bucket (docs/queries.md, "Reads never
+        block writes"): small hashes (daily/hourly buckets, single per-user fields) are read in
+        MULTI/EXEC with claim_seq and the in-flight units; a user's counts are HMGET of the fields
+        ``event_type US user_id`` of the known event types; the users of a per-user bucket come from
+        HSCAN in pieces of ``scan_count``. That is as good as one atomic read, because between the
+        first read of claim_seq and its check after the PostgreSQL read (the seqlock) no claim
+        happened: live buckets only grew (every count acknowledged before the query is seen, none
+        that was not sent), no unit appeared, and a listed unit's staging keys never change and are
+        deleted only after its ledger row is committed — which the PostgreSQL snapshot, taken after
+        every read here, then sees (the unit is skipped whatever was read of it).
         """
         live_keys = [self.keys.bucket(r.kind, r.bucket) for r in requests]
-        async with self.client.pipeline(transaction=True) as multi:
-            multi.get(self.keys.claim_seq)
-            multi.zrange(self.keys.inflight, 0, -1)
-            for request, key in zip(requests, live_keys, strict=True):
-                _queue(multi, request, key)
-            seq, units, *live = await multi.execute()
-        staged: dict[str, list[Any]] = {}
-        if units:
+        small = [i for i, r in enumerate(requests) if r.op in _SMALL_OPS]
+        lookups = [i for i, r in enumerate(requests) if r.op == "usersum" and self.types_from_daily]
+        scans = [i for i, r in enumerate(requests) if r.op == "users" or (r.op == "usersum" and i not in lookups)]
+        # the event types a user's fields may have: every event type of those days' daily buckets
+        type_days = sorted({requests[i].bucket for i in lookups})
+        type_requests = [_Request("d", day, "keys") for day in type_days]
+        reads = [(requests[i], live_keys[i]) for i in small]
+        reads += [(r, self.keys.bucket("d", r.bucket)) for r in type_requests]
+
+        seq, units, replies = await self._small_reads(reads)
+        live: list[Any] = [None] * len(requests)
+        staged: dict[str, list[Any]] = {unit: [None] * len(requests) for unit in units}
+        types: set[str] = set()
+        for (request, _), reply in zip(reads, replies, strict=True):
+            if request.op == "keys":
+                types.update(_reduce(request, reply))
+        for i, reply in zip(small, replies[:len(small)], strict=True):
+            live[i] = _reduce(requests[i], reply)
+        if units and reads:  # the same small reads of every listed unit's staging keys
             async with self.client.pipeline(transaction=False) as pipe:
                 for unit in units:
-                    for request, key in zip(requests, live_keys, strict=True):
-                        _queue(pipe, request, self.keys.staging(_text(unit), key))
-                replies = await pipe.execute()
+                    for request, key in reads:
+                        _queue(pipe, request, self.keys.staging(unit, key))
+                unit_replies = await pipe.execute()
             for n, unit in enumerate(units):
-                part = replies[n * len(requests):(n + 1) * len(requests)]
-                staged[_text(unit)] = [_reduce(r, reply) for r, reply in zip(requests, part, strict=True)]
-        return seq or "0", [_reduce(r, reply) for r, reply in zip(requests, live, strict=True)], staged
+                part = unit_replies[n * len(reads):(n + 1) * len(reads)]
+                for (request, _), reply in zip(reads, part, strict=True):
+                    if request.op == "keys":
+                        types.update(_reduce(request, reply))
+                for i, reply in zip(small, part[:len(small)], strict=True):
+                    staged[unit][i] = _reduce(requests[i], reply)
+        if lookups:
+            # ... and of their committed daily rows: a unit may have moved them to PostgreSQL while the
+            # per-user bucket of the same writes is still live or staged (read after the staged keys:
+            # a unit cleaned up before that had committed before it)
+            types.update(row["event_type"] for row in await conn.fetch(
+                "SELECT DISTINCT event_type FROM analytics_daily WHERE pipeline = $1 AND day = ANY($2::date[])",
+                self.keys.pipeline, [parse_bucket("d", day).date() for day in type_days]))
+            await self._lookups(requests, lookups, live_keys, sorted(types), live, staged)
+        if scans:
+            await self._scan([_Scan(requests[i], key, slot, i)
+                              for i in scans
+                              for key, slot in [(live_keys[i], live),
+                                                *((self.keys.staging(u, live_keys[i]), staged[u]) for u in units)]])
+        return seq or "0", live, staged
+
+    async def _small_reads(self, reads: list[tuple[_Request, str]]) -> tuple[bytes | str, list[str], list[Any]]:
+        """claim_seq, the in-flight units and ``reads`` on small hashes, in MULTI/EXEC of at most
+        ``MULTI_COMMANDS`` reads each (the first one with claim_seq and the units)."""
+        replies: list[Any] = []
+        seq: bytes | str = "0"
+        units: list[str] = []
+        for start in range(0, max(len(reads), 1), MULTI_COMMANDS):
+            async with self.client.pipeline(transaction=True) as multi:
+                if start == 0:
+                    multi.get(self.keys.claim_seq)
+                    multi.zrange(self.keys.inflight, 0, -1)
+                for request, key in reads[start:start + MULTI_COMMANDS]:
+                    _queue(multi, request, key)
+                answer = await multi.execute()
+            if start == 0:
+                seq, raw_units, *answer = answer
+                units = [_text(unit) for unit in raw_units]
+            replies += answer
+        return seq or "0", units, replies
+
+    async def _lookups(self, requests: list[_Request], lookups: list[int], live_keys: list[str],
+                       types: list[str], live: list[Any], staged: dict[str, list[Any]]) -> None:
+        """A user's counts over all event types: HMGET of ``event_type US user_id`` for each known event
+        type, at most ``scan_count`` fields per call, on the live bucket and every staged copy."""
+        for i in lookups:
+            live[i] = 0
+            for slot in staged.values():
+                slot[i] = 0
+        if not types:
+            return
+        owners: list[tuple[list[Any], int]] = []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in lookups:
+                fields = [user_field(event_type, requests[i].arg) for event_type in types]
+                for key, slot in [(live_keys[i], live),
+                                  *((self.keys.staging(u, live_keys[i]), s) for u, s in staged.items())]:
+                    for start in range(0, len(fields), self.scan_count):
+                        pipe.hmget(key, fields[start:start + self.scan_count])
+                        owners.append((slot, i))
+            replies = await pipe.execute()
+        for (slot, i), values in zip(owners, replies, strict=True):
+            slot[i] += sum(int(value) for value in values if value is not None)
+
+    async def _scan(self, scans: list[_Scan]) -> None:
+        """Read per-user buckets in HSCAN pieces of ``scan_count`` fields (one piece of every unfinished
+        bucket per round trip), then store each bucket's result in its slot."""
+        active = scans
+        while active:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for scan in active:
+                    pipe.hscan(scan.key, scan.cursor, match=scan.match, count=self.scan_count)
+                pieces = await pipe.execute()
+            for scan, (cursor, piece) in zip(active, pieces, strict=True):
+                scan.cursor = int(cursor)
+                scan.add(piece)
+            active = [scan for scan in active if scan.cursor != 0]
+        for scan in scans:
+            scan.slot[scan.index] = scan.result()
+
+    async def _read_postgres(self, conn: asyncpg.Connection, live: list[Any], units: dict[str, list[Any]],
+                             read: Callable[[asyncpg.Connection, RedisView], Awaitable[T]]) -> T:
+        """``read`` in one REPEATABLE READ snapshot, with the staged copies of units not yet in the ledger."""
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            # asyncpg prepares these statements once per connection, and PostgreSQL switches a
+            # prepared statement to a generic plan after 5 runs: with "$4 IS NULL OR event_type
+            # = $4" and unknown ranges that plan made uniques 4-8x slower (benchmarks/query.py).
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            committed: set[str] = set()
+            if units:
+                rows = await conn.fetch(
+                    "SELECT unit_id FROM analytics_flush_ledger WHERE pipeline = $1 AND unit_id = ANY($2)",
+                    self.keys.pipeline, list(units))
+                committed = {row["unit_id"] for row in rows}
+            view = RedisView(live, [r for unit, r in units.items() if unit not in committed])
+            return await read(conn, view)
 
     async def _hold(self, hold_ms: int) -> str:
         token = uuid.uuid4().hex
@@ -583,23 +754,11 @@ class Queries:
             if attempt >= self.max_retries:
                 token = await self._hold(self.hold_ms << (attempt - self.max_retries))
             try:
-                seq, live, units = await self._snapshot(requests)
-                if self.after_snapshot is not None:
-                    await self.after_snapshot(attempt)
-                async with self._connection() as conn, conn.transaction(isolation="repeatable_read",
-                                                                        readonly=True):
-                    # asyncpg prepares these statements once per connection, and PostgreSQL switches a
-                    # prepared statement to a generic plan after 5 runs: with "$4 IS NULL OR event_type
-                    # = $4" and unknown ranges that plan made uniques 4-8x slower (benchmarks/query.py).
-                    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-                    committed: set[str] = set()
-                    if units:
-                        rows = await conn.fetch(
-                            "SELECT unit_id FROM analytics_flush_ledger WHERE pipeline = $1 AND unit_id = ANY($2)",
-                            self.keys.pipeline, list(units))
-                        committed = {row["unit_id"] for row in rows}
-                    view = RedisView(live, [r for unit, r in units.items() if unit not in committed])
-                    result = await read(conn, view)
+                async with self._connection() as conn:
+                    seq, live, units = await self._snapshot(conn, requests)
+                    if self.after_snapshot is not None:
+                        await self.after_snapshot(attempt)
+                    result = await self._read_postgres(conn, live, units, read)
                 if _text(await self.client.get(self.keys.claim_seq) or "0") == _text(seq):
                     return result
                 self.retries += 1
