@@ -25,6 +25,7 @@ that ends before the last day with data needs a distinct count over the per-user
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -66,29 +67,34 @@ return 1
 """
 
 
-# Uniques of event type $2 ('' = any) from day $3 on, in one round trip: the rollup rows (schema.sql),
-# and for the Redis (user, day) pairs $4/$5 what PostgreSQL holds of them, decided by each user's last
-# day in analytics_user_last_seen (one index search per Redis user): none or before the pair's day ->
-# new that day ("redis" rows count them); that day -> already counted; after it (rare: Redis holds
-# recent days) -> returned, the caller probes the per-user rows. The "total" row counts the Redis users
-# whose last day is before $3 (or none): users not yet in the range's last_seen_users.
-_UNIQUES_SQL = """
+# Uniques of event type $2 ('' = any) from day $3 on: the rollup rows (schema.sql), one per day.
+_ROLLUP_SQL = """
+SELECT day, users, last_seen_users FROM analytics_daily_uniques WHERE pipeline = $1 AND event_type = $2 AND day >= $3
+"""
+
+# For the Redis (user, day) pairs $4/$5, what PostgreSQL holds of them, decided by each user's last day
+# in analytics_user_last_seen (one index search per Redis user): none or before the pair's day -> new
+# that day ("redis" rows count them); that day -> already counted; after it (rare: Redis holds recent
+# days) -> returned, the caller probes the per-user rows. The "total" row counts the Redis users whose
+# last day is before $3 (or none): users not yet in the range's last_seen_users. Run per chunk of
+# users (every pair of a user in the same chunk, so that chunks add up).
+_REDIS_PAIRS_SQL = """
 WITH pairs AS MATERIALIZED (
     SELECT r.day, r.user_id, s.last_day
       FROM unnest($4::text[], $5::date[]) AS r(user_id, day)
       LEFT JOIN analytics_user_last_seen s
         ON s.pipeline = $1 AND s.event_type = $2 AND s.user_id = r.user_id AND s.user_id = ANY ($4::text[])
 )
-SELECT 'rollup' AS kind, day, users, last_seen_users, NULL::text[] AS held_later
-  FROM analytics_daily_uniques WHERE pipeline = $1 AND event_type = $2 AND day >= $3
-UNION ALL
-SELECT 'redis', day, count(*) FILTER (WHERE last_day IS NULL OR last_day < day), 0,
-       array_agg(user_id) FILTER (WHERE last_day > day)
+SELECT 'redis' AS kind, day, count(*) FILTER (WHERE last_day IS NULL OR last_day < day) AS users,
+       array_agg(user_id) FILTER (WHERE last_day > day) AS held_later
   FROM pairs GROUP BY day
 UNION ALL
-SELECT 'total', NULL, count(DISTINCT user_id) FILTER (WHERE last_day IS NULL OR last_day < $3), 0, NULL
+SELECT 'total', NULL, count(DISTINCT user_id) FILTER (WHERE last_day IS NULL OR last_day < $3), NULL
   FROM pairs
 """
+# Redis users per statement: bounds the arrays encoded in one go (the sidecar's event loop stays free
+# for ingest between chunks) and each statement's work.
+UNIQUES_CHUNK_USERS = 10_000
 
 
 class QueryInputError(ValueError):
@@ -211,9 +217,6 @@ class RedisView:
                 name = _text(reply[i])
                 merged[name] = merged.get(name, 0) + int(reply[i + 1])
         return merged
-
-    def users(self, index: int) -> set[str]:
-        return {_text(user) for reply in self.replies(index) for user in reply}
 
 
 def _as_day(value: date | datetime) -> date:
@@ -345,21 +348,22 @@ class _Scan:
         return "*" + USER_FIELD_SEPARATOR + _glob_escape(self.request.arg)  # usersum
 
     def add(self, piece: dict[Any, Any]) -> None:
-        for name, count in piece.items():
-            self.found[_text(name)] = count
+        """Merge one HSCAN piece (done per piece: no pass over the whole bucket at the end)."""
+        separator, wanted, found = USER_FIELD_SEPARATOR, self.request.arg, self.found
+        if self.request.op == "users":  # found: user -> None, distinct, in field order
+            for name in piece:
+                event_type, hit, user = _text(name).partition(separator)
+                if hit and (not wanted or event_type == wanted):
+                    found[user] = None
+        else:  # usersum: found: the user's fields -> count
+            for name, count in piece.items():
+                if _text(name).partition(separator)[2] == wanted:
+                    found[_text(name)] = count
 
     def result(self) -> Any:
-        separator = USER_FIELD_SEPARATOR
         if self.request.op == "users":
-            wanted = self.request.arg
-            users: dict[str, None] = {}  # distinct, in field order
-            for name in self.found:
-                event_type, found, user = name.partition(separator)
-                if found and (not wanted or event_type == wanted):
-                    users[user] = None
-            return list(users)
-        return sum(int(count) for name, count in self.found.items()  # usersum
-                   if name.partition(separator)[2] == self.request.arg)
+            return list(self.found)
+        return sum(int(count) for count in self.found.values())
 
 
 class Queries:
@@ -539,30 +543,43 @@ class Queries:
     async def _stored_uniques(self, conn: asyncpg.Connection, days: list[date], event: str | None,
                               view: RedisView, offset: int) -> tuple[dict[date, int], int]:
         """Distinct users per day and over all ``days`` (of ``event`` or any event type): PostgreSQL's
-        rollups plus the Redis users of ``view`` PostgreSQL does not hold yet (see ``_UNIQUES_SQL``)."""
-        pipeline, first, last = self.keys.pipeline, days[0], days[-1]
-        pair_users: list[str] = []
-        pair_days: list[date] = []
+        rollups plus the Redis users of ``view`` PostgreSQL does not hold yet (see ``_REDIS_PAIRS_SQL``)."""
+        pipeline, first, last, event_type = self.keys.pipeline, days[0], days[-1], event or ANY_EVENT
+        days_of: dict[str, list[date]] = {}  # Redis user -> the days Redis holds them
         for i, day in enumerate(days):
-            users = view.users(offset + i)
-            pair_users += users
-            pair_days += [day] * len(users)
+            that_day: set[str] = set()  # live and staged copies may hold the same user
+            for reply in view.replies(offset + i):
+                for start in range(0, len(reply), UNIQUES_CHUNK_USERS):
+                    for user in reply[start:start + UNIQUES_CHUNK_USERS]:
+                        if user not in that_day:
+                            that_day.add(user)
+                            days_of.setdefault(user, []).append(day)
+                    await asyncio.sleep(0)  # let ingest run between slices of a big bucket
         per_day: dict[date, int] = {}
         in_range = redis_total = 0
         seen_later = False
         later: list[tuple[date, str]] = []
-        for kind, day, users, last_seen_users, held_later in await conn.fetch(
-                _UNIQUES_SQL, pipeline, event or ANY_EVENT, first, pair_users, pair_days):
-            if kind == "rollup" and day > last:
+        for day, users, last_seen_users in await conn.fetch(_ROLLUP_SQL, pipeline, event_type, first):
+            if day > last:
                 seen_later = seen_later or last_seen_users != 0
-            elif kind == "rollup":
+            else:
                 per_day[day] = per_day.get(day, 0) + users
                 in_range += last_seen_users
-            elif kind == "redis":
-                per_day[day] = per_day.get(day, 0) + users
-                later += [(day, user) for user in held_later or ()]
-            else:
-                redis_total = users
+        users_list = list(days_of)
+        for start in range(0, len(users_list), UNIQUES_CHUNK_USERS):
+            pair_users: list[str] = []
+            pair_days: list[date] = []
+            for user in users_list[start:start + UNIQUES_CHUNK_USERS]:
+                user_days = days_of[user]
+                pair_users += [user] * len(user_days)
+                pair_days += user_days
+            for kind, day, users, held_later in await conn.fetch(
+                    _REDIS_PAIRS_SQL, pipeline, event_type, first, pair_users, pair_days):
+                if kind == "redis":
+                    per_day[day] = per_day.get(day, 0) + users
+                    later += [(day, user) for user in held_later or ()]
+                else:
+                    redis_total += users
         if later:  # Redis (day, user) whose last day in PostgreSQL is after that day: one probe each
             for row in await conn.fetch(
                     "SELECT r.day, count(*) AS n FROM unnest($2::date[], $3::text[]) AS r(day, user_id)"
@@ -578,7 +595,7 @@ class Queries:
             " SELECT user_id FROM analytics_user_daily WHERE pipeline = $1 AND day >= $2 AND day <= $3"
             " AND ($4::text IS NULL OR event_type = $4)"
             " UNION ALL SELECT unnest($5::text[])) AS u",
-            pipeline, first, last, event, pair_users)
+            pipeline, first, last, event, users_list)
         return per_day, int(total)
 
     @staticmethod
