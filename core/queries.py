@@ -77,11 +77,14 @@ SELECT day, users, last_seen_users FROM analytics_daily_uniques WHERE pipeline =
 # that day ("redis" rows count them); that day -> already counted; after it (rare: Redis holds recent
 # days) -> returned, the caller probes the per-user rows. The "total" row counts the Redis users whose
 # last day is before $3 (or none): users not yet in the range's last_seen_users. Run per chunk of
-# users (every pair of a user in the same chunk, so that chunks add up).
+# users (every pair of a user in the same chunk, so that chunks add up); a single day in $5 is the day
+# of every user in $4 (Redis usually holds one day: no day sent per user).
 _REDIS_PAIRS_SQL = """
 WITH pairs AS MATERIALIZED (
     SELECT r.day, r.user_id, s.last_day
-      FROM unnest($4::text[], $5::date[]) AS r(user_id, day)
+      FROM unnest($4::text[], CASE WHEN cardinality($5::date[]) = 1 AND cardinality($4::text[]) > 1
+                                   THEN array_fill($5[1], ARRAY[cardinality($4::text[])]) ELSE $5::date[] END)
+           AS r(user_id, day)
       LEFT JOIN analytics_user_last_seen s
         ON s.pipeline = $1 AND s.event_type = $2 AND s.user_id = r.user_id AND s.user_id = ANY ($4::text[])
 )
@@ -349,16 +352,21 @@ class _Scan:
 
     def add(self, piece: dict[Any, Any]) -> None:
         """Merge one HSCAN piece (done per piece: no pass over the whole bucket at the end)."""
-        separator, wanted, found = USER_FIELD_SEPARATOR, self.request.arg, self.found
+        if piece and isinstance(next(iter(piece)), bytes):  # a client without decode_responses
+            piece = {name.decode(): count for name, count in piece.items()}
+        separator, wanted = USER_FIELD_SEPARATOR, self.request.arg
         if self.request.op == "users":  # found: user -> None, distinct, in field order
-            for name in piece:
-                event_type, hit, user = _text(name).partition(separator)
-                if hit and (not wanted or event_type == wanted):
-                    found[user] = None
-        else:  # usersum: found: the user's fields -> count
+            if wanted:  # MATCH let through only fields starting with the event type and US
+                prefix = wanted + separator
+                cut = len(prefix)
+                self.found.update(dict.fromkeys([name[cut:] for name in piece if name.startswith(prefix)]))
+            else:
+                self.found.update(dict.fromkeys([name.partition(separator)[2] for name in piece
+                                                 if separator in name]))
+        else:  # usersum: found: the user's fields -> count (MATCH let through only the user's fields)
             for name, count in piece.items():
-                if _text(name).partition(separator)[2] == wanted:
-                    found[_text(name)] = count
+                if name.partition(separator)[2] == wanted:
+                    self.found[name] = count
 
     def result(self) -> Any:
         if self.request.op == "users":
@@ -545,16 +553,7 @@ class Queries:
         """Distinct users per day and over all ``days`` (of ``event`` or any event type): PostgreSQL's
         rollups plus the Redis users of ``view`` PostgreSQL does not hold yet (see ``_REDIS_PAIRS_SQL``)."""
         pipeline, first, last, event_type = self.keys.pipeline, days[0], days[-1], event or ANY_EVENT
-        days_of: dict[str, list[date]] = {}  # Redis user -> the days Redis holds them
-        for i, day in enumerate(days):
-            that_day: set[str] = set()  # live and staged copies may hold the same user
-            for reply in view.replies(offset + i):
-                for start in range(0, len(reply), UNIQUES_CHUNK_USERS):
-                    for user in reply[start:start + UNIQUES_CHUNK_USERS]:
-                        if user not in that_day:
-                            that_day.add(user)
-                            days_of.setdefault(user, []).append(day)
-                    await asyncio.sleep(0)  # let ingest run between slices of a big bucket
+        chunks = await self._redis_user_chunks(days, view, offset)
         per_day: dict[date, int] = {}
         in_range = redis_total = 0
         seen_later = False
@@ -565,14 +564,9 @@ class Queries:
             else:
                 per_day[day] = per_day.get(day, 0) + users
                 in_range += last_seen_users
-        users_list = list(days_of)
-        for start in range(0, len(users_list), UNIQUES_CHUNK_USERS):
-            pair_users: list[str] = []
-            pair_days: list[date] = []
-            for user in users_list[start:start + UNIQUES_CHUNK_USERS]:
-                user_days = days_of[user]
-                pair_users += [user] * len(user_days)
-                pair_days += user_days
+        redis_users: list[str] = []
+        for pair_users, pair_days in chunks:
+            redis_users += pair_users
             for kind, day, users, held_later in await conn.fetch(
                     _REDIS_PAIRS_SQL, pipeline, event_type, first, pair_users, pair_days):
                 if kind == "redis":
@@ -595,8 +589,44 @@ class Queries:
             " SELECT user_id FROM analytics_user_daily WHERE pipeline = $1 AND day >= $2 AND day <= $3"
             " AND ($4::text IS NULL OR event_type = $4)"
             " UNION ALL SELECT unnest($5::text[])) AS u",
-            pipeline, first, last, event, users_list)
+            pipeline, first, last, event, redis_users)
         return per_day, int(total)
+
+    @staticmethod
+    async def _redis_user_chunks(days: list[date], view: RedisView,
+                                 offset: int) -> list[tuple[list[str], list[date]]]:
+        """The Redis (user, day) pairs of ``days`` in chunks of about ``UNIQUES_CHUNK_USERS`` users, every
+        pair of one user in the same chunk (so the chunks' distinct totals add up); a chunk whose pairs
+        are all of one day carries that day once (``_REDIS_PAIRS_SQL`` spreads it)."""
+        per_day: list[tuple[date, list[str]]] = []
+        for i, day in enumerate(days):
+            replies = [reply for reply in view.replies(offset + i) if reply]
+            if len(replies) > 1:  # live and staged copies may hold the same user
+                replies = [list(dict.fromkeys(user for reply in replies for user in reply))]
+            if replies:
+                per_day.append((day, replies[0]))
+            await asyncio.sleep(0)  # let ingest run between days of a big range
+        size = UNIQUES_CHUNK_USERS
+        if len(per_day) == 1:  # the usual case: Redis holds users of one day (today)
+            day, users = per_day[0]
+            return [(users[start:start + size], [day]) for start in range(0, len(users), size)]
+        days_of: dict[str, list[date]] = {}  # Redis user -> the days Redis holds them
+        for day, users in per_day:
+            for start in range(0, len(users), size):
+                for user in users[start:start + size]:
+                    days_of.setdefault(user, []).append(day)
+                await asyncio.sleep(0)
+        chunks: list[tuple[list[str], list[date]]] = []
+        all_users = list(days_of)
+        for start in range(0, len(all_users), size):
+            pair_users: list[str] = []
+            pair_days: list[date] = []
+            for user in all_users[start:start + size]:
+                user_days = days_of[user]
+                pair_users += [user] * len(user_days)
+                pair_days += user_days
+            chunks.append((pair_users, pair_days))
+        return chunks
 
     @staticmethod
     def _grid(rows: Sequence[asyncpg.Record], buckets: Sequence[date | datetime],
@@ -653,12 +683,24 @@ class Queries:
                 types.update(_reduce(request, reply))
         for i, reply in zip(small, replies[:len(small)], strict=True):
             live[i] = _reduce(requests[i], reply)
-        if units and reads:  # the same small reads of every listed unit's staging keys
+        scanning = [_Scan(requests[i], key, slot, i)
+                    for i in scans
+                    for key, slot in [(live_keys[i], live),
+                                      *((self.keys.staging(u, live_keys[i]), staged[u]) for u in units)]]
+        if (units and reads) or scanning:
+            # one round trip: the same small reads of every listed unit's staging keys, and the first
+            # HSCAN piece of every per-user bucket (a small bucket is then read whole, as one piece)
             async with self.client.pipeline(transaction=False) as pipe:
                 for unit in units:
                     for request, key in reads:
                         _queue(pipe, request, self.keys.staging(unit, key))
-                unit_replies = await pipe.execute()
+                for scan in scanning:
+                    pipe.hscan(scan.key, 0, match=scan.match, count=self.scan_count)
+                answers = await pipe.execute()
+            unit_replies, first_pieces = answers[:len(units) * len(reads)], answers[len(units) * len(reads):]
+            for scan, (cursor, piece) in zip(scanning, first_pieces, strict=True):
+                scan.cursor = int(cursor)
+                scan.add(piece)
             for n, unit in enumerate(units):
                 part = unit_replies[n * len(reads):(n + 1) * len(reads)]
                 for (request, _), reply in zip(reads, part, strict=True):
@@ -674,11 +716,9 @@ class Queries:
                 "SELECT DISTINCT event_type FROM analytics_daily WHERE pipeline = $1 AND day = ANY($2::date[])",
                 self.keys.pipeline, [parse_bucket("d", day).date() for day in type_days]))
             await self._lookups(requests, lookups, live_keys, sorted(types), live, staged)
-        if scans:
-            await self._scan([_Scan(requests[i], key, slot, i)
-                              for i in scans
-                              for key, slot in [(live_keys[i], live),
-                                                *((self.keys.staging(u, live_keys[i]), staged[u]) for u in units)]])
+        await self._scan([scan for scan in scanning if scan.cursor != 0])
+        for scan in scanning:
+            scan.slot[scan.index] = scan.result()
         return seq or "0", live, staged
 
     async def _small_reads(self, reads: list[tuple[_Request, str]]) -> tuple[bytes | str, list[str], list[Any]]:
@@ -725,8 +765,8 @@ class Queries:
             slot[i] += sum(int(value) for value in values if value is not None)
 
     async def _scan(self, scans: list[_Scan]) -> None:
-        """Read per-user buckets in HSCAN pieces of ``scan_count`` fields (one piece of every unfinished
-        bucket per round trip), then store each bucket's result in its slot."""
+        """Continue reading per-user buckets in HSCAN pieces of ``scan_count`` fields (one piece of every
+        unfinished bucket per round trip) until every cursor is back to 0."""
         active = scans
         while active:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -737,8 +777,6 @@ class Queries:
                 scan.cursor = int(cursor)
                 scan.add(piece)
             active = [scan for scan in active if scan.cursor != 0]
-        for scan in scans:
-            scan.slot[scan.index] = scan.result()
 
     async def _read_postgres(self, conn: asyncpg.Connection, live: list[Any], units: dict[str, list[Any]],
                              read: Callable[[asyncpg.Connection, RedisView], Awaitable[T]]) -> T:
