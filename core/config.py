@@ -122,8 +122,8 @@ class FlushConfig:
 class QueryConfig:
     """How the read endpoints keep away from ingest (docs/queries.md, "Reads never block writes")."""
 
-    # Per-user counts and uniques read per-user buckets; more than this many at once per sidecar get 429.
-    max_concurrent: int = limits(2, ge=1, le=64, doc="heavy queries (per-user counts, uniques) at once")
+    # Uniques and per-user counts read per-user buckets; beyond this many of a kind at once per sidecar: 429.
+    max_concurrent: int = limits(1, ge=1, le=64, doc="uniques / per-user count queries at once, each")
     wait_seconds: float = limits(0.25, ge=0, le=60, doc="how long a heavy query may wait for a slot")
     retry_after_seconds: int = limits(1, ge=1, le=3600, doc="Retry-After of a refused query")
     # Fields per HSCAN piece of a per-user bucket: each piece is one short Redis call (~0.1-0.3 ms at 1000).

@@ -2,9 +2,9 @@
 
 Every answer comes from :mod:`analytics_pipeline.core.queries` (PostgreSQL totals + unflushed Redis
 buckets, exact at any instant). Bad parameters get 400 naming the parameter; a database or Redis
-that cannot answer gets 503 with ``Retry-After``. Heavy queries (a user's counts, uniques: they read
-per-user buckets) pass a :class:`QueryGate`: at most ``queries.max_concurrent`` run at once, the
-others get 429 with ``Retry-After`` after waiting ``queries.wait_seconds`` for a slot. Ingest never
+that cannot answer gets 503 with ``Retry-After``. Heavy queries (uniques, a user's counts: they read
+per-user buckets) pass a :class:`QueryGate` of their kind: at most ``queries.max_concurrent`` of
+each kind run at once, the others get 429 with ``Retry-After`` after waiting ``queries.wait_seconds``. Ingest never
 depends on PostgreSQL: the shared pool (``sidecar/database.py``) opens on the first query and a
 missing database only affects reads.
 
@@ -49,7 +49,7 @@ class QueryGate:
     """Bounds the heavy queries running at once in one sidecar (a counting semaphore whose size is read
     from the config in force, so a live reload changes it); a query finding no slot in time is refused."""
 
-    def __init__(self, refused: Counter | None = None) -> None:
+    def __init__(self, refused: Any = None) -> None:
         self.running = 0
         self.waiting = 0
         self.refused = refused
@@ -77,12 +77,15 @@ class QueryGate:
             self._freed.notify()
 
 
-QUERY_GATE = web.AppKey("query_gate", QueryGate)
+# One gate per kind of heavy query, so that cheap per-user lookups never wait behind a long uniques.
+HEAVY_KINDS = ("uniques", "user_counts")
+QUERY_GATES: web.AppKey[dict[str, QueryGate]] = web.AppKey("query_gates")
 
 
-def _too_many(retry_after: int, limit: int) -> web.Response:
-    return _json({"error": "too_many_queries", "message": f"{limit} per-user or uniques queries are running in "
-                  f"this sidecar already (queries.max_concurrent); retry after {retry_after}s"},
+def _too_many(kind: str, retry_after: int, limit: int) -> web.Response:
+    what = "uniques" if kind == "uniques" else "per-user counts"
+    return _json({"error": "too_many_queries", "message": f"{limit} {what} queries are running in this sidecar "
+                  f"already (queries.max_concurrent); retry after {retry_after}s"},
                  429, {"Retry-After": str(retry_after)})
 
 
@@ -109,14 +112,14 @@ def _iso(value: date | datetime) -> str:
 
 
 async def _answer(request: web.Request, work: Callable[[Queries], Awaitable[dict[str, Any]]],
-                  heavy: bool = False) -> web.Response:
-    """Run ``work`` and answer its JSON; ``heavy`` queries first take a slot of the app's QueryGate."""
-    if not heavy:
+                  heavy: str | None = None) -> web.Response:
+    """Run ``work`` and answer its JSON; a ``heavy`` query first takes a slot of its kind's QueryGate."""
+    if heavy is None:
         return await _run(request, work)
     limits = request.app[CONFIG].queries
-    gate = request.app[QUERY_GATE]
+    gate = request.app[QUERY_GATES][heavy]
     if not await gate.enter(limits.max_concurrent, limits.wait_seconds):
-        return _too_many(limits.retry_after_seconds, limits.max_concurrent)
+        return _too_many(heavy, limits.retry_after_seconds, limits.max_concurrent)
     try:
         return await _run(request, work)
     finally:
@@ -164,7 +167,7 @@ async def counts(request: web.Request) -> web.Response:
                                       user_id=params.get("user_id"))
         return {**series.as_json(), "from": _iso(series.points[0].bucket), "to": _iso(series.points[-1].bucket)}
 
-    return await _answer(request, work, heavy="user_id" in params)
+    return await _answer(request, work, heavy="user_counts" if "user_id" in params else None)
 
 
 async def uniques(request: web.Request) -> web.Response:
@@ -181,7 +184,7 @@ async def uniques(request: web.Request) -> web.Response:
         result = await queries.uniques(params.get("event"), start, end)
         return {**result.as_json(), "from": _iso(result.points[0].bucket), "to": _iso(result.points[-1].bucket)}
 
-    return await _answer(request, work, heavy=True)
+    return await _answer(request, work, heavy="uniques")
 
 
 async def events(request: web.Request) -> web.Response:
@@ -211,9 +214,11 @@ def setup_query_routes(app: web.Application) -> None:
     """
     install_database(app)
     registry = app.get(REGISTRY)
-    refused = Counter("analytics_sidecar_queries_refused", "Per-user and uniques queries refused with 429 "
-                      "(queries.max_concurrent were running)", registry=registry) if registry is not None else None
-    app[QUERY_GATE] = QueryGate(refused)
+    refused = Counter("analytics_sidecar_queries_refused", "Uniques and per-user count queries refused with 429 "
+                      "(queries.max_concurrent of their kind were running)", ["kind"],
+                      registry=registry) if registry is not None else None
+    app[QUERY_GATES] = {kind: QueryGate(refused.labels(kind) if refused is not None else None)
+                        for kind in HEAVY_KINDS}
     app.router.add_get("/v1/counts", counts)
     app.router.add_get("/v1/uniques", uniques)
     app.router.add_get("/v1/events", events)

@@ -12,12 +12,13 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from flushkit import LuaWriter
+from prometheus_client import CollectorRegistry
 from support import make_config
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.flusher.run import flush_pipeline
-from analytics_pipeline.sidecar.appkeys import CONFIG, REDIS
-from analytics_pipeline.sidecar.query_routes import QUERY_GATE, setup_query_routes
+from analytics_pipeline.sidecar.appkeys import CONFIG, REDIS, REGISTRY
+from analytics_pipeline.sidecar.query_routes import QUERY_GATES, setup_query_routes
 
 NOW = datetime.now(UTC)
 TODAY = NOW.date()
@@ -171,7 +172,15 @@ async def test_events_accepts_any_valid_range_and_refuses_overflow(http: TestCli
 
 
 async def gated_client(config: Config, redis_client: aioredis.Redis, **queries: object) -> TestClient:
-    return await client_for(config.replace(queries=queries), redis_client)
+    """The read endpoints with ``queries`` settings and a Prometheus registry of their own."""
+    app = web.Application()
+    app[CONFIG] = config.replace(queries=queries)
+    app[REDIS] = redis_client
+    app[REGISTRY] = CollectorRegistry()
+    setup_query_routes(app)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
 
 
 async def test_heavy_queries_beyond_the_limit_get_429_with_retry_after(
@@ -181,21 +190,24 @@ async def test_heavy_queries_beyond_the_limit_get_429_with_retry_after(
     await writer.write([("view", "alice", NOW)])
     client = await gated_client(config, redis_client, max_concurrent=2, wait_seconds=0, retry_after_seconds=7)
     try:
-        gate = client.app[QUERY_GATE]
-        assert await gate.enter(2, 0) and await gate.enter(2, 0)  # two heavy queries are running
-        for path, params in (("/v1/uniques", {}), ("/v1/counts", {"user_id": "alice"})):
+        gates = client.app[QUERY_GATES]
+        for kind, path, params in (("uniques", "/v1/uniques", {}), ("user_counts", "/v1/counts", {"user_id": "alice"})):
+            assert await gates[kind].enter(2, 0) and await gates[kind].enter(2, 0)  # two of that kind running
             response = await client.get(path, params=params)
             assert response.status == 429 and response.headers["Retry-After"] == "7"
             body = await response.json()
             assert body["error"] == "too_many_queries" and "queries.max_concurrent" in body["message"]
-        assert (await client.get("/v1/counts")).status == 200  # not per-user: not gated
-        assert (await client.get("/v1/events")).status == 200
-        await gate.leave()
-        response = await client.get("/v1/counts", params={"user_id": "alice"})
-        assert response.status == 200 and (await response.json())["total"] == 1
-        assert gate.running == 1  # the query gave its slot back
-        metrics = gate.refused
-        assert metrics is None or metrics._value.get() == 2
+            assert (await client.get("/v1/counts")).status == 200  # not per-user: not gated
+            assert (await client.get("/v1/events")).status == 200
+            await gates[kind].leave()
+            response = await client.get(path, params=params)
+            assert response.status == 200, await response.text()
+            assert gates[kind].running == 1  # the query gave its slot back
+        response = await client.get("/v1/uniques")
+        assert response.status == 200 and (await response.json())["distinct_total"] == 1
+        registry = client.app[REGISTRY]
+        for kind in ("uniques", "user_counts"):
+            assert registry.get_sample_value("analytics_sidecar_queries_refused_total", {"kind": kind}) == 1
     finally:
         await client.close()
 
@@ -205,7 +217,7 @@ async def test_a_heavy_query_waits_for_a_slot_within_wait_seconds(
     await writer.write([("view", "alice", NOW)])
     client = await gated_client(config, redis_client, max_concurrent=1, wait_seconds=60)
     try:
-        gate = client.app[QUERY_GATE]
+        gate = client.app[QUERY_GATES]["uniques"]
         assert await gate.enter(1, 0)
         waiting = asyncio.ensure_future(client.get("/v1/uniques", params={"from": TODAY.isoformat()}))
         for _ in range(6000):  # until the request waits for the slot (it is not refused meanwhile)
