@@ -5,8 +5,10 @@ not committed yet. Reading two stores is racy: a claim+commit between the Redis 
 PostgreSQL read would count a unit twice (spike), a commit+cleanup the other way round would lose it
 (dip). So every query is a seqlock on the pipeline's ``claim_seq``:
 
-1. one MULTI/EXEC reads ``claim_seq``, the in-flight units and the live buckets, then one pipeline the
-   units' staged buckets (as good as atomic: see ``Queries._snapshot``);
+1. Redis is read without any call that walks a whole per-user bucket (reads never block writes):
+   one MULTI/EXEC reads ``claim_seq``, the in-flight units and the small live hashes; then, outside
+   any transaction, the units' staged copies, a user's fields by HMGET and the users of per-user
+   buckets by HSCAN in bounded pieces (as good as atomic: see ``Queries._snapshot``);
 2. one REPEATABLE READ transaction reads the totals and which of those units the ledger already has
    (a unit in the ledger is in the totals, so its staged copy is skipped; otherwise it is added);
 3. ``claim_seq`` is read again: if a claim happened in between (its buckets moved out of the live
@@ -490,7 +492,7 @@ class Queries:
     async def dashboard_snapshot(self, now: datetime | None = None, hours: int = 48,
                                  days: int = 30) -> DashboardSnapshot:
         """Hourly counts per event type (last ``hours``), daily per event type and daily uniques (last
-        ``days``) from one consistent snapshot: one Lua call, one PostgreSQL transaction."""
+        ``days``) from one consistent snapshot: one Redis snapshot, one PostgreSQL transaction."""
         if not 1 <= hours <= MAX_BUCKETS:
             raise QueryInputError("hours", f"must be 1..{MAX_BUCKETS}")
         if not 1 <= days <= MAX_BUCKETS:
