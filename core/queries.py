@@ -84,11 +84,11 @@ SELECT day, users, last_seen_users FROM analytics_daily_uniques WHERE pipeline =
 _REDIS_PAIRS_SQL = """
 WITH pairs AS MATERIALIZED (
     SELECT r.day, r.user_id, s.last_day
-      FROM unnest($4::text[], CASE WHEN cardinality($5::date[]) = 1 AND cardinality($4::text[]) > 1
-                                   THEN array_fill($5[1], ARRAY[cardinality($4::text[])]) ELSE $5::date[] END)
+      FROM unnest({users}, CASE WHEN cardinality($5::date[]) = 1 AND cardinality({users}) > 1
+                                THEN array_fill($5[1], ARRAY[cardinality({users})]) ELSE $5::date[] END)
            AS r(user_id, day)
       LEFT JOIN analytics_user_last_seen s
-        ON s.pipeline = $1 AND s.event_type = $2 AND s.user_id = r.user_id AND s.user_id = ANY ($4::text[])
+        ON s.pipeline = $1 AND s.event_type = $2 AND s.user_id = r.user_id AND s.user_id = ANY ({users})
 )
 SELECT 'redis' AS kind, day, count(*) FILTER (WHERE last_day IS NULL OR last_day < day) AS users,
        array_agg(user_id) FILTER (WHERE last_day > day) AS held_later
@@ -97,6 +97,11 @@ UNION ALL
 SELECT 'total', NULL, count(DISTINCT user_id) FILTER (WHERE last_day IS NULL OR last_day < $3), NULL
   FROM pairs
 """
+# $4 is the users joined by US (one text: encoding 10,000 array elements cost the sidecar ~4x more;
+# user ids are printable, so US cannot be in one), split by PostgreSQL; an id holding US anyway (not
+# written by the sidecar) makes that chunk go as a text[].
+_PAIRS_JOINED_SQL = _REDIS_PAIRS_SQL.replace("{users}", "string_to_array($4::text, chr(31))")
+_PAIRS_ARRAY_SQL = _REDIS_PAIRS_SQL.replace("{users}", "$4::text[]")
 # Redis users per statement: bounds the arrays encoded in one go (the sidecar's event loop stays free
 # for ingest between chunks) and each statement's work.
 UNIQUES_CHUNK_USERS = 10_000
@@ -569,8 +574,13 @@ class Queries:
         redis_users: list[str] = []
         for pair_users, pair_days in chunks:
             redis_users += pair_users
+            joined = USER_FIELD_SEPARATOR.join(pair_users)
+            if joined.count(USER_FIELD_SEPARATOR) == len(pair_users) - 1:
+                statement, users_arg = _PAIRS_JOINED_SQL, joined
+            else:
+                statement, users_arg = _PAIRS_ARRAY_SQL, pair_users
             for kind, day, users, held_later in await conn.fetch(
-                    _REDIS_PAIRS_SQL, pipeline, event_type, first, pair_users, pair_days):
+                    statement, pipeline, event_type, first, users_arg, pair_days):
                 if kind == "redis":
                     per_day[day] = per_day.get(day, 0) + users
                     later += [(day, user) for user in held_later or ()]

@@ -305,3 +305,12 @@ async def test_event_types_only_in_postgres_still_find_the_users_live_fields(
     assert await redis_client.exists(keys.user_daily(TODAY)) and not await redis_client.exists(keys.daily(TODAY))
     q = Queries(redis_client, pg, config.pipeline)
     assert (await q.counts(None, TODAY, TODAY, "day", user_id="dora")).total == 1
+
+
+async def test_user_ids_holding_the_separator_are_still_one_user_each(
+        redis_client: aioredis.Redis, pg: asyncpg.Connection, config: Config, writer: LuaWriter) -> None:
+    """Redis users go to PostgreSQL joined by US; an id holding US (the sidecar refuses it, another writer
+    might not) must not be split into two users."""
+    await writer.write([("view", "x\x1fy", NOW), ("view", "plain", NOW), ("click", "x\x1fy", NOW)])
+    uniques = await Queries(redis_client, pg, config.pipeline).uniques(None, TODAY, TODAY)
+    assert uniques.points[0].count == uniques.distinct_total == 2
