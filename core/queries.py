@@ -679,7 +679,8 @@ class Queries:
         live_keys = [self.keys.bucket(r.kind, r.bucket) for r in requests]
         small = [i for i, r in enumerate(requests) if r.op in _SMALL_OPS]
         lookups = [i for i, r in enumerate(requests) if r.op == "usersum" and self.types_from_daily]
-        scans = [i for i, r in enumerate(requests) if r.op == "users" or (r.op == "usersum" and i not in lookups)]
+        scans = [i for i, r in enumerate(requests)
+                 if r.op == "users" or (r.op == "usersum" and not self.types_from_daily)]
         # the event types a user's fields may have: every event type of those days' daily buckets
         type_days = sorted({requests[i].bucket for i in lookups})
         type_requests = [_Request("d", day, "keys") for day in type_days]
