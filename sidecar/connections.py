@@ -142,10 +142,18 @@ class _Runner(web.AppRunner):
         return made
 
 
+BAD_REQUESTS = web.AppKey("bad_requests", BadRequestLog)
+
+
 def make_runner(app: web.Application, server: ServerConfig, **kwargs: Any) -> web.AppRunner:
-    """The AppRunner of ``app`` with the connection timeouts and quiet bad-request logs of ``server``."""
-    counter = Counter("analytics_sidecar_bad_http_requests", "Malformed HTTP requests and header timeouts, by reason",
-                      ["reason"], registry=app[REGISTRY])
-    for reason in ("malformed", "header_timeout"):
-        counter.labels(reason)
-    return _Runner(app, server, BadRequestLog(server.bad_request_logs_per_minute, counter), **kwargs)
+    """The AppRunner of ``app`` with the connection timeouts and quiet bad-request logs of ``server``.
+
+    One :class:`BadRequestLog` (metric and log quota) per app and the apps that copy its keys (the probe
+    listener's app shares the main app's registry)."""
+    if BAD_REQUESTS not in app:
+        counter = Counter("analytics_sidecar_bad_http_requests", "Malformed HTTP requests and header timeouts, "
+                          "by reason", ["reason"], registry=app[REGISTRY])
+        for reason in ("malformed", "header_timeout"):
+            counter.labels(reason)
+        app[BAD_REQUESTS] = BadRequestLog(server.bad_request_logs_per_minute, counter)
+    return _Runner(app, server, app[BAD_REQUESTS], **kwargs)
