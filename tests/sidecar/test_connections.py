@@ -109,3 +109,19 @@ async def _get(port: int, path: bytes) -> bytes:
         return await _closed(reader)
     finally:
         writer.close()
+
+
+async def test_the_probe_listener_has_the_same_header_timeout(sidecar_config: Callable[..., Config],
+                                                              redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The probe listener faces the pod network: a client dribbling headers there is cut off too."""
+    health_port = free_port()
+    config = sidecar_config(server={"header_timeout_seconds": 0.5, "health_host": "127.0.0.1",
+                                    "health_port": health_port})
+    async with served(config):
+        reader, writer = await asyncio.open_connection("127.0.0.1", health_port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+            answer = await _closed(reader)
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 408")
