@@ -91,7 +91,8 @@ class IngestConfig:
     max_future_seconds: int = limits(300, ge=0, le=86400)
     # None means "the counter TTL": an older event would land in a bucket that may already be gone.
     max_past_seconds: int | None = limits(None, ge=60)
-    dedup_window_seconds: int = limits(86400, ge=0, le=30 * 86400, doc="0 disables message_id dedup")
+    # 12 h: the longest retry horizon of the SDKs people point at us (docs/http-api.md "Dedup").
+    dedup_window_seconds: int = limits(43200, ge=0, le=30 * 86400, doc="0 disables message_id dedup")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "maxIdLength": 256,
         "maxFutureSeconds": 300,
         "maxPastSeconds": None,  # None: the counter TTL
-        "dedupWindowSeconds": 86400,
+        "dedupWindowSeconds": 43200,
     },
     "flush": {"schedule": None, "interval": None, "batchSize": 1000, "retentionDays": 400},
     "suspend": False,

@@ -27,7 +27,7 @@ def test_defaults() -> None:
     assert config.counters.ttl_seconds == 7 * 86400
     assert config.ingest.max_event_bytes == 32 * 1024 and config.ingest.max_request_bytes == 500 * 1024
     assert config.ingest.max_batch_events == 2500 and config.ingest.max_name_length == 128
-    assert config.ingest.dedup_window_seconds == 86400
+    assert config.ingest.dedup_window_seconds == 43200
     assert config.max_past_seconds == config.counters.ttl_seconds
 
 
