@@ -137,6 +137,10 @@ class FlushConfig:
     # Short, and extended every ttl/3 while a run lasts: a killed flusher blocks the next run briefly.
     lock_ttl_seconds: int = limits(60, ge=5, le=86400)
     statement_timeout_seconds: float = limits(60.0, gt=0, le=3600)
+    # --- Dead letters (docs/flush-protocol.md "Dead letters") -------------------------------------------
+    # A unit whose apply failed this many runs in a row is moved to analytics_dead_letter, so the rest of
+    # the pipeline flows; `analytics-pipeline deadletter retry|discard` settles it exactly once.
+    dead_letter_after_failures: int = limits(3, ge=1, le=1000, doc="failed runs before a unit is set aside")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ Bookkeeping keys:
     ap:{ns/name}:gc:<token>      STRING group-commit fence (makes an ambiguous write decidable)
     ap:{ns/name}:inflight        ZSET  flush unit id -> ms when claimed
     ap:{ns/name}:unit:<unit>     SET   staging keys claimed by that unit
+    ap:{ns/name}:unitfails       HASH  unit id -> failed applies so far (set aside at flush.dead_letter_after_failures)
     ap:{ns/name}:s:<unit>:<kind>:<bucket>   HASH  a claimed (staged) bucket
     ap:{ns/name}:claimseq        STRING counter bumped by every claim (queries use it as a seqlock)
     ap:{ns/name}:claimhold       ZSET  reader token -> expiry ms; while not empty the flusher does not claim
@@ -154,6 +155,11 @@ class PipelineKeys:
 
     def unit(self, unit_id: str) -> str:
         return f"{self.base}unit:{unit_id}"
+
+    @property
+    def unit_failures(self) -> str:
+        """Failed applies per in-flight unit (the flusher sets a unit aside after too many)."""
+        return f"{self.base}unitfails"
 
     def staging_prefix(self, unit_id: str) -> str:
         return f"{self.base}s:{unit_id}:"
