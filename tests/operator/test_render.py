@@ -159,3 +159,14 @@ def test_children_are_valid_kubernetes_objects(version: str) -> None:
            "spec": {"containers": [{"name": "app", "image": "app:1"}, *snippet["containers"]],
                     "volumes": snippet["volumes"]}}
     kubernetes_validate.validate(pod, version, strict=True)
+
+
+def test_a_flush_leaving_dead_letters_fails_its_job_at_once() -> None:
+    # exit 3 (flushed, but set-aside units wait): no backoff retries; the CronJob records a failed run,
+    # which the operator reports as lastFlush.result Failed and a FlushFailed Warning Event
+    from analytics_pipeline.flusher.cli import DEAD_LETTER_EXIT
+
+    job = render.desired_state("ns", "web", MINIMAL, default_image="i").cronjob["spec"]["jobTemplate"]["spec"]
+    assert job["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
+        "containerName": "flusher", "operator": "In", "values": [DEAD_LETTER_EXIT]}}]}
+    assert job["template"]["spec"]["restartPolicy"] == "Never"  # what podFailurePolicy requires
