@@ -73,7 +73,8 @@ async def measure(client: aioredis.Redis, url: str, what: str, n: int, granulari
         await committer.close()
     after = await used_memory(client)
     total, count, encodings = await keys_bytes(client, pattern(keys))
-    return [what, f"{n:,}", f"{total / n:.1f}", f"{(after - before) / n:.1f}", f"{count:,}", ",".join(sorted(encodings))]
+    return [what, f"{n:,}", f"{total / n:.1f}", f"{(after - before) / n:.1f}", f"{count:,}",
+            ",".join(sorted(encodings))]
 
 
 async def legacy_message_ids(client: aioredis.Redis, n: int) -> list[str]:
