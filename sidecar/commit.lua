@@ -16,10 +16,11 @@
 --
 -- Dedup (docs/http-api.md "Dedup"): time is cut into slices of S = ceil(window / 2) s. A digest is
 -- remembered in the current slice's shard hashes: ap:{p}:dd:<S>:<slice>:<h> where h is the first L hex
--- digits of the digest (L = 0, 1, 2, ...: a level is used once the shallower one holds SHARD_CAP
--- fields), field = digest bytes 5..16 (96 bits), so every shard stays a small listpack (~16 B per id).
--- Every shard of a slice expires at slice end + window (one EXPIREAT, set when the shard is created).
--- An id is a duplicate if any slice overlapping the last `window` seconds holds it.
+-- digits of the digest, field = digest bytes 5..16 (96 bits), so every shard stays a small listpack
+-- (~16 B per id). L starts at the slice's base level (ap:{p}:dd:<S>:<slice>:L, chosen from the previous
+-- slice's count ...:n) and goes one deeper where a shard holds SHARD_CAP fields. Every key of a slice
+-- expires at slice end + window (one EXPIREAT, set when the key is created). An id is a duplicate if
+-- any slice overlapping the last `window` seconds holds it.
 --
 -- Returns {1, ordinals of duplicate events...} when applied, {0} when the token already existed
 -- (the commit was fenced off, or already applied): in that case nothing was written.
@@ -71,7 +72,7 @@ local dups = {}
 local m = 0
 local last = #ARGV
 if a <= last then
-  local SHARD_CAP = 128  -- Redis 7's default hash-max-listpack-entries: shards stay listpacks
+  local SHARD_CAP = 128  -- fields per shard: at or below Redis's default hash-max-listpack-entries
   local MAX_LEVEL = 8
   local window = tonumber(ARGV[2])
   local slice_s = math.ceil(window / 2)
@@ -80,26 +81,52 @@ if a <= last then
   local oldest = math.floor((now_s - window) / slice_s)
   local prefix = ARGV[5] .. slice_s .. ':'
   local expire_at = (cur + 1) * slice_s + window
+  local cur_slice = prefix .. cur .. ':'
+  -- The slices to look in: {key prefix, base level, is current}; a slice without a base holds nothing.
+  local slices = {}
+  for s = cur, oldest, -1 do
+    local base = redis.call('GET', prefix .. s .. ':L')
+    if base then slices[#slices + 1] = {prefix .. s .. ':', tonumber(base), s == cur} end
+  end
+  if not (slices[1] and slices[1][3]) then
+    -- The current slice's first id: its shards start at the level where as many ids as the previous
+    -- slice got fill them 32..512 on average, so steady traffic needs one level per slice.
+    local before = tonumber(redis.call('GET', prefix .. (cur - 1) .. ':n') or '0')
+    local base = 0
+    while base < MAX_LEVEL and before >= 32 * 16 ^ (base + 1) do base = base + 1 end
+    redis.call('SET', cur_slice .. 'L', base)
+    redis.call('EXPIREAT', cur_slice .. 'L', expire_at)
+    table.insert(slices, 1, {cur_slice, base, true})
+  end
+  local lens = {}  -- HLEN of the shards this script looked at, kept up to date by its own HSETs
+  local added = 0
   -- true (and remembered) if the digest is new within the window, false for a duplicate
   local function first_time(digest)
     local hex = string.format('%02x%02x%02x%02x', string.byte(digest, 1, 4))
     local field = string.sub(digest, 5)
-    local target, size
-    for s = cur, oldest, -1 do
-      local slice = prefix .. s .. ':'
-      for level = 0, MAX_LEVEL do
-        local key = slice .. string.sub(hex, 1, level)
-        if redis.call('HEXISTS', key, field) == 1 then return false end
-        local n = redis.call('HLEN', key)
+    local target
+    for i = 1, #slices do
+      local slice = slices[i]
+      for level = slice[2], MAX_LEVEL do
+        local key = slice[1] .. string.sub(hex, 1, level)
+        local n = lens[key]
+        if n == nil then
+          n = redis.call('HLEN', key)
+          lens[key] = n
+        end
+        if n > 0 and redis.call('HEXISTS', key, field) == 1 then return false end
         -- a deeper level exists only once this one filled up (shards of a slice expire together)
         if n < SHARD_CAP or level == MAX_LEVEL then
-          if s == cur then target, size = key, n end
+          if slice[3] then target = key end
           break
         end
       end
     end
+    local n = lens[target]
     redis.call('HSET', target, field, 1)
-    if size == 0 then redis.call('EXPIREAT', target, expire_at) end
+    if n == 0 then redis.call('EXPIREAT', target, expire_at) end
+    lens[target] = n + 1
+    added = added + 1
     return true
   end
   while a <= last do
@@ -119,6 +146,10 @@ if a <= last then
       dups[#dups + 1] = m
       a = a + 2 * n
     end
+  end
+  if added > 0 then  -- the next slice's base level is chosen from this count
+    redis.call('INCRBY', cur_slice .. 'n', added)
+    redis.call('EXPIREAT', cur_slice .. 'n', expire_at)
   end
 end
 

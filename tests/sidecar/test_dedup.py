@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 import redis.asyncio as aioredis
 from sidecar_helpers import Sidecar, SidecarFactory, grand_total
 
@@ -26,7 +27,8 @@ async def test_same_message_id_twice_counts_once(sidecar: Sidecar, redis_client:
     assert await grand_total(redis_client, keys, "u") == 1
     # remembered in one dedup shard that outlives the window by at most half a window (its slice)
     window = sidecar.app[STATE].config.ingest.dedup_window_seconds
-    shards = [key async for key in redis_client.scan_iter(match=keys.dedup_scan_pattern)]
+    shards = [key async for key in redis_client.scan_iter(match=keys.dedup_scan_pattern)
+              if not key.endswith((":L", ":n"))]  # a slice's base level and count
     assert len(shards) == 1 and await redis_client.hlen(shards[0]) == 1
     assert window - 5 <= await redis_client.ttl(shards[0]) <= window + (window + 1) // 2
     assert sidecar.metrics.events_duplicate._value.get() == 1
@@ -89,9 +91,15 @@ async def dedup_bytes(client: aioredis.Redis, keys: PipelineKeys, counters: set[
     return total, len(found)
 
 
+@pytest.mark.parametrize("previous_slice", [0, 20_000], ids=["first-slice", "steady-state"])
 async def test_dedup_memory_is_at_most_40_bytes_per_message_id(
-        sidecar_config, redis_client: aioredis.Redis, keys: PipelineKeys) -> None:
-    committer = GroupCommitter(sidecar_config(counters={"granularities": ["daily"]}))
+        sidecar_config, redis_client: aioredis.Redis, keys: PipelineKeys, previous_slice: int) -> None:
+    config = sidecar_config(counters={"granularities": ["daily"]})
+    slice_s = (config.ingest.dedup_window_seconds + 1) // 2
+    previous = f"{keys.dedup_prefix}{slice_s}:{int((await redis_client.time())[0]) // slice_s - 1}:n"
+    if previous_slice:  # as if the previous time slice had seen as many ids: shards start deeper
+        await redis_client.set(previous, previous_slice, ex=60)
+    committer = GroupCommitter(config)
     ids = 20_000
     try:
         for start in range(0, ids, 1000):
@@ -104,10 +112,12 @@ async def test_dedup_memory_is_at_most_40_bytes_per_message_id(
     finally:
         await committer.close()
     assert await redis_client.hgetall(keys.daily(datetime.now(UTC))) == {"a": str(ids)}
+    await redis_client.delete(previous)  # not part of what these ids cost
     used, shards = await dedup_bytes(redis_client, keys, {keys.daily(datetime.now(UTC))})
-    print(f"dedup: {used / ids:.1f} B per message_id over {shards} keys")
+    print(f"dedup ({previous_slice} ids in the previous slice): {used / ids:.1f} B per message_id over {shards} keys")
     assert shards and used / ids <= 40
-    sample = [key async for key in redis_client.scan_iter(match=keys.dedup_scan_pattern, count=1000)][:20]
+    sample = [key async for key in redis_client.scan_iter(match=keys.dedup_scan_pattern, count=1000)
+              if not key.endswith((":L", ":n"))][:20]
     assert sample and {await redis_client.object("encoding", key) for key in sample} == {"listpack"}
 
 
