@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
@@ -234,7 +235,11 @@ class PipelineFlush:
         first again), at the limit the unit moves to the dead letters and the run goes on."""
         pipeline = self.keys.pipeline
         reason = describe(error)
-        failures = await deadletter.count_failure(self.staging.client, self.keys, unit_id)
+        try:
+            failures = await deadletter.count_failure(self.staging.client, self.keys, unit_id)
+        except redis.exceptions.ResponseError as refused:  # e.g. OOM: not counted, tried again next run
+            raise deadletter.UnitFailed(f"unit {unit_id} failed ({reason}); Redis refused to count the failure "
+                                        f"({describe(refused)})") from error
         limit = self.config.flush.dead_letter_after_failures
         if failures < limit:
             raise deadletter.UnitFailed(f"unit {unit_id} failed ({failures} of {limit} runs before it is set "
