@@ -158,7 +158,7 @@ class PipelineFlush:
         # 1. recover units a dead (or concurrent) flusher left in flight
         recovered = await self.staging.inflight_units()
         for unit_id in recovered:
-            await self._process(unit_id)
+            await self._process(unit_id, recovered=True)
         self.stats.recovered_units = len(recovered)
         self.stats.recovered_runs = len({run_id_of(unit_id) for unit_id in recovered})
         if recovered:
@@ -201,7 +201,7 @@ class PipelineFlush:
                     raise FlushError(f"queries held claims for more than {CLAIM_HOLD_WAIT_S:.0f}s") from None
                 await asyncio.sleep(0.01)
 
-    async def _process(self, unit_id: str) -> None:
+    async def _process(self, unit_id: str, *, recovered: bool = False) -> None:
         """Open → apply (one transaction, ledger-guarded, reading the unit in chunks) → clean up; the unit
         stays in flight until cleanup. A unit that keeps failing is set aside (:meth:`_unit_failed`)."""
         try:
@@ -216,7 +216,8 @@ class PipelineFlush:
             return
         await self._step("after_commit")
         await self.staging.cleanup(unit_id)
-        await deadletter.forget_failures(self.staging.client, self.keys, unit_id)
+        if recovered:  # only a unit left in flight by an earlier run can have failures on record
+            await deadletter.forget_failures(self.staging.client, self.keys, unit_id)
         await self._step("after_cleanup")
         if result.applied:
             self.stats.units += 1
