@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
         "maxPastSeconds": None,  # None: the counter TTL
         "dedupWindowSeconds": 43200,
     },
-    "flush": {"schedule": None, "interval": None, "batchSize": 1000, "retentionDays": 400},
+    "flush": {"schedule": None, "interval": None, "batchSize": 1000, "retentionDays": 400,
+              "deadLetterAfterFailures": 3},
     "suspend": False,
     "sidecar": {
         "image": None,  # None: the operator's --default-image
@@ -80,6 +81,7 @@ CONFIG_FIELDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("sidecar", "port"): ("server", "port"),
     ("flush", "batchSize"): ("flush", "batch_size"),
     ("flush", "retentionDays"): ("flush", "retention_days"),
+    ("flush", "deadLetterAfterFailures"): ("flush", "dead_letter_after_failures"),
 }
 
 # Ranges of the spec fields that are not part of Config (Config's own fields are range-checked by Config).

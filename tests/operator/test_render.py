@@ -89,7 +89,7 @@ def test_name_too_long_for_a_cronjob_is_refused() -> None:
 
 def test_configmap_is_loadable_by_the_sidecars_loader_and_has_no_secrets(tmp_path: Path) -> None:
     spec = {**copy.deepcopy(MINIMAL), "ingest": {"maxBatchEvents": 10, "maxPastSeconds": 7200},
-            "sidecar": {"port": 9000}, "flush": {"retentionDays": 30}}
+            "sidecar": {"port": 9000}, "flush": {"retentionDays": 30, "deadLetterAfterFailures": 5}}
     desired = render.desired_state("shop", "checkout", spec, default_image="img:1")
     path = tmp_path / crd.CONFIG_KEY
     path.write_text(desired.configmap["data"][crd.CONFIG_KEY], encoding="utf-8")
@@ -97,6 +97,7 @@ def test_configmap_is_loadable_by_the_sidecars_loader_and_has_no_secrets(tmp_pat
     assert config == desired.config
     assert config.pipeline == "shop/checkout" and config.ingest.max_batch_events == 10
     assert config.server.port == 9000 and config.server.host == "0.0.0.0" and config.flush.retention_days == 30
+    assert config.flush.dead_letter_after_failures == 5
     assert "redis_url" not in yaml.safe_load(path.read_text()) and "database_url" not in path.read_text()
 
 
