@@ -22,6 +22,10 @@ import yaml
 Granularity = Literal["daily", "hourly", "user_daily"]
 ALL_GRANULARITIES: tuple[Granularity, ...] = ("daily", "hourly", "user_daily")
 
+# Calls that describe users rather than something they did (see IngestConfig.uncounted_events).
+UNCOUNTED_EVENTS: tuple[str, ...] = ("identify", "group", "alias", "$identify", "$set", "$create_alias",
+                                     "$groupidentify")
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_PIPELINE = "default/analytics"
@@ -105,6 +109,13 @@ class IngestConfig:
     max_past_seconds: int | None = limits(None, ge=60)
     # 12 h: the longest retry horizon of the SDKs people point at us (docs/http-api.md "Dedup").
     dedup_window_seconds: int = limits(43200, ge=0, le=30 * 86400, doc="0 disables message_id dedup")
+    # --- SDK compatibility (issue 10): how batches are accepted and which calls are counted ---------
+    # False: a batch's valid events are counted and its invalid ones listed (200 with "rejected");
+    # True: one invalid event refuses the whole request (400, nothing counted).
+    all_or_nothing: bool = False
+    # Event types acknowledged (200) but not counted: Segment's identify/group/alias calls (counted
+    # under those names when they carry no "event") and PostHog's person/group updates. [] counts all.
+    uncounted_events: tuple[str, ...] = UNCOUNTED_EVENTS
 
     def __post_init__(self) -> None:
         indexed = self.max_name_length + self.max_id_length
@@ -126,6 +137,11 @@ class ServerConfig:
     redis_timeout_seconds: float = limits(2.0, gt=0, le=60)
     retry_after_seconds: int = limits(1, ge=1, le=3600)
     shutdown_timeout_seconds: float = limits(20.0, gt=0, le=600)
+    # --- The probe listener (Kubernetes): a second address serving ONLY /healthz, /readyz and /metrics, so
+    # the kubelet and Prometheus reach the sidecar on the pod IP while ingest, queries and the dashboard stay
+    # on `host` (loopback). None = no second listener (outside Kubernetes; the main one serves all routes).
+    health_host: str = "0.0.0.0"
+    health_port: int | None = limits(None, ge=0, le=65535, doc="None: no probe listener; 0: any free port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +225,10 @@ def _scalar(kind: Any, value: Any, key: tuple[str, ...]) -> Any:
         if value not in get_args(kind):
             choices = ", ".join(repr(choice) for choice in get_args(kind))
             raise _Invalid(key, f"must be one of {choices}", value)
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _Invalid(key, f"must be true or false, got {_describe(value)}", value)
         return value
     if kind is str:
         if not isinstance(value, str):

@@ -18,10 +18,11 @@ MINIMAL = {"redis": {"secretRef": {"name": "conn"}}, "postgres": {"secretRef": {
 # Where the CRD is deliberately stricter than, or defaults differently from, the config model (and why):
 STRICTER = {
     ("sidecar", "port"): "0 (any free port) is useless behind a probe and a Service: minimum 1",
+    ("sidecar", "healthPort"): "the probe listener's port is named in the probes: minimum 1",
     ("ingest", "maxPastSeconds"): "the model caps it at counters.ttl_seconds (<= 366 days) in a cross-field rule",
 }
 OTHER_DEFAULT = {
-    ("sidecar", "host"): "in a pod the sidecar listens on 0.0.0.0 so kubelet probes and Prometheus reach it",
+    ("sidecar", "healthPort"): "in a pod the kubelet and Prometheus need the probe listener; outside, it is off",
 }
 
 
@@ -94,6 +95,10 @@ def test_config_fields_have_the_models_ranges_and_defaults(spec_path: tuple[str,
         assert schema["items"]["enum"] == list(ALL_GRANULARITIES) and schema["x-kubernetes-list-type"] == "set"
         assert schema["default"] == list(field.default) and schema["minItems"] == 1
         return
+    if key == "uncounted_events":
+        assert schema["type"] == "array" and schema["items"]["type"] == "string"
+        assert schema["default"] == list(field.default) and schema["x-kubernetes-list-type"] == "set"
+        return
     low, high = bounds(field)
     if spec_path not in STRICTER:
         assert (schema.get("minimum"), schema.get("maximum")) == (low, high)
@@ -105,7 +110,8 @@ def test_config_fields_have_the_models_ranges_and_defaults(spec_path: tuple[str,
         assert "default" not in schema
     else:
         assert schema["default"] == field.default
-    assert schema["type"] == ("integer" if field.type in ("int", "int | None") else "string")  # annotations are strings
+    kinds = {"int": "integer", "int | None": "integer", "bool": "boolean"}  # annotations are strings
+    assert schema["type"] == kinds.get(field.type, "string")
 
 
 def test_operator_defaults_and_ranges_equal_the_crds() -> None:
@@ -157,8 +163,9 @@ def test_operator_reads_only_fields_the_crd_defines_and_every_one_of_them() -> N
     full["flush"]["interval"] = "10m"
     full["ingest"]["maxPastSeconds"] = 3600
     full["sidecar"]["image"] = full["flusher"]["image"] = "img:2"
+    full["postgres"]["readSecretRef"] = {"name": "reader", "key": "url"}
     seen: set[tuple[str, ...]] = set()
-    render.desired_state("ns", "web", Recorder(full, seen), default_image="img:1")
+    render.desired_state("ns", "web", Recorder(full, seen), default_image="img:1", allowed_images=("img:",))
     declared = {path for path, _ in leaves(spec_schema())}
     prefixes = {path[:i] for path in declared for i in range(1, len(path))}
     read_leaves = {path for path in seen if path not in prefixes}
