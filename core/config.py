@@ -160,6 +160,19 @@ class FlushConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryConfig:
+    """How the read endpoints keep away from ingest (docs/queries.md, "Reads never block writes")."""
+
+    # Uniques and per-user counts read per-user buckets; beyond this many of a kind at once per sidecar: 429.
+    max_concurrent: int = limits(1, ge=1, le=64, doc="uniques / per-user count queries at once, each")
+    wait_seconds: float = limits(0.25, ge=0, le=60, doc="how long a heavy query may wait for a slot")
+    retry_after_seconds: int = limits(1, ge=1, le=3600, doc="Retry-After of a refused query")
+    # Fields per HSCAN piece / HMGET of a per-user bucket: one short Redis call each (~1 ms at 1000 on a
+    # busy 2-core machine); capped so that no setting makes one call walk a big bucket.
+    scan_count: int = limits(1000, ge=10, le=10_000, doc="hash fields per HSCAN piece")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything one pipeline's components need to know (build it with :func:`parse_config`)."""
 
@@ -170,6 +183,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     flush: FlushConfig = field(default_factory=FlushConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
 
     def __post_init__(self) -> None:
         pipeline = self.pipeline if "/" in self.pipeline else f"default/{self.pipeline}"
