@@ -22,7 +22,7 @@ from analytics_pipeline.sidecar.server import serve
 DOCS = REPO / "docs" / "kubernetes.md"
 MARKER = "-- analytics-pipeline database roles"
 TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_user_last_seen",
-          "analytics_daily_uniques", "analytics_flush_ledger")
+          "analytics_daily_uniques", "analytics_flush_ledger", "analytics_dead_letter", "analytics_dead_letter_counts")
 
 
 def documented_sql() -> tuple[str, str]:
