@@ -27,6 +27,20 @@ async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = 
     if not is_loopback(server.host):
         log.warning("listening on non-loopback address %s: anyone who can reach it can write events; "
                     "a sidecar normally binds 127.0.0.1", server.host, extra={"host": server.host})
+    # Signal handlers first: a SIGTERM that arrives while the listeners start still means a graceful stop.
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        return await _serve_until(config, config_path, stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _serve_until(config: Config, config_path: str | os.PathLike[str] | None, stop: asyncio.Event) -> int:
+    server = config.server
     app = create_app(config, config_path=config_path)
     runner = make_runner(app, server, access_log=None, handle_signals=False,
                          shutdown_timeout=server.shutdown_timeout_seconds)
@@ -46,10 +60,6 @@ async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = 
                   error.strerror or error, extra={"event": "listen_failed"})
         await runner.cleanup()
         return 1
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     addresses = [f"http://{sock.getsockname()[0]}:{sock.getsockname()[1]}"
                  for sock in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
     log.info("sidecar listening on %s for pipeline %s (granularities %s, TTL %d s)",
@@ -61,8 +71,6 @@ async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = 
     try:
         await stop.wait()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         log.info("stopping: no new connections; finishing requests in flight", extra={"event": "draining"})
         app[STATE].draining = True
         if probes is not None:
