@@ -10,6 +10,12 @@
 
 SELECT pg_advisory_xact_lock(7335046153962100001);
 
+-- Partitioning: analytics_daily, analytics_hourly and analytics_user_daily are range-partitioned by
+-- month on their time column (every primary key contains it). Their partitions (<table>_pYYYYMM, no
+-- DEFAULT partition) are created by `migrate` (this month and a few ahead) and by the flusher before it
+-- writes a month; retention drops whole partitions. See docs/flush-protocol.md ("Partitions") and
+-- flusher/partitions.py. A database created before partitioning is converted by `migrate`.
+
 -- Daily counts per event type.
 CREATE TABLE IF NOT EXISTS analytics_daily (
     pipeline    text        NOT NULL,
@@ -18,7 +24,7 @@ CREATE TABLE IF NOT EXISTS analytics_daily (
     count       bigint      NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (pipeline, event_type, day)
-);
+) PARTITION BY RANGE (day);
 -- Dashboard: every event type by day for the last 30 days; retention deletes by day.
 CREATE INDEX IF NOT EXISTS analytics_daily_pipeline_day ON analytics_daily (pipeline, day) INCLUDE (event_type, count);
 
@@ -30,7 +36,7 @@ CREATE TABLE IF NOT EXISTS analytics_hourly (
     count       bigint      NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (pipeline, event_type, hour)
-);
+) PARTITION BY RANGE (hour);
 -- Dashboard: every event type by hour for the last 48 hours; retention deletes by hour.
 CREATE INDEX IF NOT EXISTS analytics_hourly_pipeline_hour ON analytics_hourly (pipeline, hour) INCLUDE (event_type, count);
 
@@ -47,7 +53,7 @@ CREATE TABLE IF NOT EXISTS analytics_user_daily (
     count       bigint      NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (pipeline, day, user_id, event_type)
-);
+) PARTITION BY RANGE (day);
 
 -- Upgrade of databases created before the rollups: their primary key was (pipeline, user_id,
 -- event_type, day) with a second index (pipeline, day, event_type, user_id). Re-key the table and drop
@@ -147,3 +153,12 @@ CREATE TABLE IF NOT EXISTS analytics_flush_ledger (
 );
 -- Ledger retention and "last flush" lookups.
 CREATE INDEX IF NOT EXISTS analytics_flush_ledger_pipeline_applied ON analytics_flush_ledger (pipeline, applied_at);
+
+-- Retention registry (partitioning): each pipeline's retention_days, recorded by its flusher at every
+-- retention step. A partition is dropped only when it is past the retention of EVERY pipeline holding
+-- rows in it, and only pipelines recorded here can vouch for that (flusher/partitions.py).
+CREATE TABLE IF NOT EXISTS analytics_pipeline_retention (
+    pipeline        text        NOT NULL PRIMARY KEY,
+    retention_days  integer     NOT NULL,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
