@@ -8,15 +8,16 @@ One throwaway PostgreSQL (or ``--database-url``'s server) gets two databases, cr
 dropped afterwards: ``unpartitioned`` (today's schema.sql with its ``PARTITION BY`` clauses removed, i.e.
 the layout before partitioning) and ``partitioned`` (``migrate``: monthly partitions). Both are filled
 with the same data by benchmarks/query.py's generator (a year and a month of hourly, daily and per-user
-rows for one pipeline, rollups rebuilt, VACUUM ANALYZE), then for each layout in turn:
+rows for one pipeline, rollups rebuilt, VACUUM ANALYZE), then:
 
 - the dashboard queries of benchmarks/query.py (counts by hour/day, uniques, dashboard_snapshot), with
   today's live buckets in Redis, each result checked against the data, p50/p99 per round;
 - flush runs of ``--flush-size`` counters over the last 7 days (benchmarks/flush.py's fill and run:
   PipelineFlush, checked exactly) into the same database, rows/s.
 
-Printed: both layouts side by side and the ratio partitioned / unpartitioned (p99: < 1 is faster;
-rows/s: > 1 is faster).
+Queries and flushes alternate between the layouts (each query's rounds, each flush repetition, the
+order flipped every round) so both see the same machine load. Printed: both layouts side by side and
+the ratio partitioned / unpartitioned (p99: < 1 is faster; rows/s: > 1 is faster).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -36,9 +38,10 @@ import benchlib
 import flush as flush_bench
 import query as query_bench
 import redis.asyncio as aioredis
+from query import Timing
 
-from analytics_pipeline.core.config import parse_config
-from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
+from analytics_pipeline.core.config import Config, parse_config
+from analytics_pipeline.core.keys import PipelineKeys
 from analytics_pipeline.core.queries import Queries
 from analytics_pipeline.flusher.db import connect, create_pool
 from analytics_pipeline.flusher.migrate import apply_schema, schema_sql
@@ -65,19 +68,32 @@ async def create_layout(conn: asyncpg.Connection, layout: str, first_day: Any, t
     await ensure_partitions(conn, [(table, m) for table in PARTITIONED for m in months])
 
 
-async def measure(layout: str, database_url: str, redis_url: str, redis_pid: int, client: aioredis.Redis,
-                  args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Layout:
+    """One layout's database, filled, with its pipeline's live Redis buckets and a query pool."""
+
+    name: str
+    config: Config
+    keys: PipelineKeys
+    data: Any
+    live: dict[str, Any]
+    pool: asyncpg.Pool
+    queries: dict[str, Timing] = field(default_factory=dict)
+    flushes: list[Any] = field(default_factory=list)
+
+
+async def set_up(layout: str, database_url: str, redis_url: str, client: aioredis.Redis, now: datetime,
+                 days: int) -> Layout:
+    """Create and fill one layout's database (benchmarks/query.py's generator) and today's Redis buckets."""
     pipeline = f"bench/partitions-{uuid.uuid4().hex[:8]}"
     keys = PipelineKeys(pipeline)
     config = parse_config({"pipeline": pipeline, "redis_url": redis_url, "database_url": database_url})
-    now = datetime.now(UTC)
-    first_day = now.date() - timedelta(days=args.days)
     started = time.monotonic()
     loader = await asyncpg.connect(database_url, server_settings={
         "statement_timeout": "0", "maintenance_work_mem": "512MB", "timezone": "UTC"})
     try:
-        await create_layout(loader, layout, first_day, now.date())
-        data = await query_bench.generate_postgres(loader, pipeline, args.days, now.date(), own_database=True)
+        await create_layout(loader, layout, now.date() - timedelta(days=days), now.date())
+        data = await query_bench.generate_postgres(loader, pipeline, days, now.date(), own_database=True)
         partitions = await loader.fetchval("SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent "
                                            "WHERE p.relname = 'analytics_user_daily'")
     finally:
@@ -85,46 +101,63 @@ async def measure(layout: str, database_url: str, redis_url: str, redis_pid: int
     live = await query_bench.fill_redis(client, keys, now)
     print(f"[{layout}] generated in {time.monotonic() - started:.0f}s, analytics_user_daily partitions: "
           f"{partitions}", flush=True)
-    pool = await create_pool(config, "benchmark partitions", max_size=4)
-    result: dict[str, Any] = {"problems": [], "queries": {}, "flush": []}
-    try:
-        queries = Queries.for_config(client, pool, config)
+    return Layout(layout, config, keys, data, live, await create_pool(config, "benchmark partitions", max_size=4))
+
+
+def query_plan(queries: Queries, now: datetime) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
+    """benchmarks/query.py's queries."""
+    day_list = [now.date() - timedelta(days=29 - n) for n in range(30)]
+    return [
+        ("counts by hour, 48 h", lambda: queries.counts(None, now - timedelta(hours=47), now, "hour")),
+        ("counts by day, 30 days", lambda: queries.counts(None, day_list[0], day_list[-1], "day")),
+        ("uniques per day, 30 days", lambda: queries.uniques(None, day_list[0], day_list[-1])),
+        ("uniques of one event, 30 days", lambda: queries.uniques("event_03", day_list[0], day_list[-1])),
+        ("dashboard_snapshot (48 h, 30 days)", lambda: queries.dashboard_snapshot(now)),
+    ]
+
+
+async def measure(layouts: list[Layout], client: aioredis.Redis, redis_url: str, redis_pid: int, now: datetime,
+                  args: argparse.Namespace) -> list[str]:
+    """Every query, then every flush, alternating the layouts (and their order) so both see the same load."""
+    problems: list[str] = []
+    plans = {}
+    for layout in layouts:
+        queries = Queries.for_config(client, layout.pool, layout.config)
         day_list = [now.date() - timedelta(days=29 - n) for n in range(30)]
-        result["problems"] += await query_bench.check_results(queries, pool, data, live, now, day_list)
-        plan: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("counts by hour, 48 h", lambda: queries.counts(None, now - timedelta(hours=47), now, "hour")),
-            ("counts by day, 30 days", lambda: queries.counts(None, day_list[0], day_list[-1], "day")),
-            ("uniques per day, 30 days", lambda: queries.uniques(None, day_list[0], day_list[-1])),
-            ("uniques of one event, 30 days", lambda: queries.uniques("event_03", day_list[0], day_list[-1])),
-            ("dashboard_snapshot (48 h, 30 days)", lambda: queries.dashboard_snapshot(now)),
-        ]
-        for name, call in plan:
-            timing = await query_bench.time_query(name, call, args.rounds, args.seconds, 20)
-            result["queries"][name] = timing
-            print(f"[{layout}] {name:<36} p99 per round: "
-                  + ", ".join(f"{benchlib.percentile(s, 99):.2f} ms" for s in timing.rounds), flush=True)
-    finally:
-        await pool.close()
-        await client.delete(*[key async for key in client.scan_iter(match=keys.scan_pattern)])
-        await client.srem(PIPELINES_SET, pipeline)
-    conn = await connect(config, "benchmark partitions flush")
+        problems += await query_bench.check_results(queries, layout.pool, layout.data, layout.live, now, day_list)
+        plans[layout.name] = query_plan(queries, now)
+    for round_number in range(args.rounds):
+        order = layouts if round_number % 2 == 0 else layouts[::-1]
+        for index in range(len(plans[layouts[0].name])):
+            for layout in order:
+                name, call = plans[layout.name][index]
+                timing = await query_bench.time_query(name, call, 1, args.seconds, 20)
+                layout.queries.setdefault(name, Timing(name, [])).rounds += timing.rounds
+                print(f"[{layout.name}] round {round_number + 1} {name:<36} p99 "
+                      f"{benchlib.percentile(timing.rounds[0], 99):7.2f} ms", flush=True)
     raw = aioredis.Redis.from_url(redis_url)  # benchmarks/flush.py's checks read keys as bytes
     try:
         for rep in range(1, args.repeat + 1):
-            run = await flush_bench.one_run(config, conn, raw, redis_pid, args.flush_size, rep)
-            result["flush"].append(run)
-            result["problems"] += run.problems
-            print(f"[{layout}] flush {args.flush_size:,} counters rep {rep}: {run.seconds:.2f}s "
-                  f"{run.rows_per_s:,.0f} rows/s [{'OK' if run.verified else 'FAIL'}]", flush=True)
+            for layout in layouts if rep % 2 else layouts[::-1]:
+                conn = await connect(layout.config, "benchmark partitions flush")
+                try:
+                    run = await flush_bench.one_run(layout.config, conn, raw, redis_pid, args.flush_size, rep)
+                finally:
+                    await conn.close()
+                layout.flushes.append(run)
+                problems += run.problems
+                print(f"[{layout.name}] flush {args.flush_size:,} counters rep {rep}: {run.seconds:.2f}s "
+                      f"{run.rows_per_s:,.0f} rows/s [{'OK' if run.verified else 'FAIL'}]", flush=True)
     finally:
-        await conn.close()
         await raw.aclose()
-    return result
+    return problems
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    results: dict[str, dict[str, Any]] = {}
     suffix = uuid.uuid4().hex[:6]
+    layouts: list[Layout] = []
+    problems: list[str] = []
+    now = datetime.now(UTC)
     with benchlib.services(args.database_url, "bench-partitions-") as (redis_server, database_url, origin):
         client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
         admin = await asyncpg.connect(database_url)
@@ -137,25 +170,29 @@ async def main_async(args: argparse.Namespace) -> int:
                 await admin.execute(f"CREATE DATABASE {names[layout]}")
             assert redis_server.process is not None
             for layout in LAYOUTS:
-                results[layout] = await measure(layout, database_url_for(database_url, names[layout]),
-                                                redis_server.url, redis_server.process.pid, client, args)
+                layouts.append(await set_up(layout, database_url_for(database_url, names[layout]), redis_server.url,
+                                            client, now, args.days))
+            problems += await measure(layouts, client, redis_server.url, redis_server.process.pid, now, args)
         finally:
+            for layout in layouts:
+                await layout.pool.close()
             for name in names.values():  # the databases this run created, and only those
                 await admin.execute(f"DROP DATABASE IF EXISTS {name}")
             await admin.close()
             await client.aclose()
     print(f"\nload avg at end: {benchlib.load_average()}\n")
-    flat, part = results["unpartitioned"], results["partitioned"]
+    flat, part = layouts
     rows = []
-    for name, timing in flat["queries"].items():
-        a, b = timing.p(99).median, part["queries"][name].p(99).median
-        rows.append([f"{name} p99 ms", f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}"])
-    a = benchlib.stat([run.rows_per_s for run in flat["flush"]]).median
-    b = benchlib.stat([run.rows_per_s for run in part["flush"]]).median
-    rows.append([f"flush {args.flush_size:,} counters, rows/s", f"{a:,.0f}", f"{b:,.0f}", f"{b / a:.2f}"])
-    print("Medians over rounds / repetitions:")
+    for name, timing in flat.queries.items():
+        a, b = timing.p(99).median, part.queries[name].p(99).median
+        rows.append([f"{name} p99 ms", timing.p(99).show("{:.2f}"), part.queries[name].p(99).show("{:.2f}"),
+                     f"{b / a:.2f}"])
+    a_stat = benchlib.stat([run.rows_per_s for run in flat.flushes])
+    b_stat = benchlib.stat([run.rows_per_s for run in part.flushes])
+    rows.append([f"flush {args.flush_size:,} counters, rows/s", a_stat.show(), b_stat.show(),
+                 f"{b_stat.median / a_stat.median:.2f}"])
+    print("Medians over rounds / repetitions, (min..max):")
     print(benchlib.table(["measure", "unpartitioned", "partitioned", "ratio part/unpart"], rows))
-    problems = flat["problems"] + part["problems"]
     for problem in problems:
         print(f"  FAIL {problem}")
     print(f"  {'MET ' if not problems else 'FAIL'} every query result and every flush equals the data")
