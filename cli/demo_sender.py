@@ -125,7 +125,7 @@ class Sender:
                                              headers={"Content-Type": "application/json"}) as response:
                     payload = await response.read()
                     self.stats.statuses[response.status] += 1
-                    if response.status == 202:
+                    if response.status == 200:
                         answer = orjson.loads(payload)
                         self._acknowledged(request, int(answer["accepted"]), int(answer["duplicates"]))
                         return

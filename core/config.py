@@ -22,6 +22,10 @@ import yaml
 Granularity = Literal["daily", "hourly", "user_daily"]
 ALL_GRANULARITIES: tuple[Granularity, ...] = ("daily", "hourly", "user_daily")
 
+# Calls that describe users rather than something they did (see IngestConfig.uncounted_events).
+UNCOUNTED_EVENTS: tuple[str, ...] = ("identify", "group", "alias", "$identify", "$set", "$create_alias",
+                                     "$groupidentify")
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_PIPELINE = "default/analytics"
@@ -92,6 +96,13 @@ class IngestConfig:
     # None means "the counter TTL": an older event would land in a bucket that may already be gone.
     max_past_seconds: int | None = limits(None, ge=60)
     dedup_window_seconds: int = limits(86400, ge=0, le=30 * 86400, doc="0 disables message_id dedup")
+    # --- SDK compatibility (issue 10): how batches are accepted and which calls are counted ---------
+    # False: a batch's valid events are counted and its invalid ones listed (200 with "rejected");
+    # True: one invalid event refuses the whole request (400, nothing counted).
+    all_or_nothing: bool = False
+    # Event types acknowledged (200) but not counted: Segment's identify/group/alias calls (counted
+    # under those names when they carry no "event") and PostHog's person/group updates. [] counts all.
+    uncounted_events: tuple[str, ...] = UNCOUNTED_EVENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +195,10 @@ def _scalar(kind: Any, value: Any, key: tuple[str, ...]) -> Any:
         if value not in get_args(kind):
             choices = ", ".join(repr(choice) for choice in get_args(kind))
             raise _Invalid(key, f"must be one of {choices}", value)
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _Invalid(key, f"must be true or false, got {_describe(value)}", value)
         return value
     if kind is str:
         if not isinstance(value, str):

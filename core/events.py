@@ -3,8 +3,9 @@
 A request is one event object, a JSON array of events, or ``{"batch": [...]}``. Field names from
 Segment (``userId``, ``anonymousId``, ``messageId``, ``type``) and PostHog (``distinct_id``,
 ``uuid``) are accepted beside our own (``user_id``, ``message_id``), so their SDKs can point at the
-sidecar. Validation is all-or-nothing: every problem of every event is collected, and a request
-with any problem is refused as a whole.
+sidecar. Every problem of every event is collected. :meth:`EventValidator.parse` refuses a request
+with any problem as a whole; :meth:`EventValidator.parse_partial` (what the sidecar uses unless
+``ingest.all_or_nothing``) keeps the valid events of a batch and lists the invalid ones.
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ class RequestRejected(Exception):
         return self.message
 
     def as_body(self) -> dict[str, Any]:
-        return {"error": self.code, "message": self.message, "errors": [e.as_dict() for e in self.errors]}
+        # "code"/"message" are what Segment and RudderStack clients read, "detail" what PostHog's read.
+        return {"error": self.code, "code": self.code, "message": self.message, "detail": self.message,
+                "errors": [e.as_dict() for e in self.errors]}
+
+
+_NO_ERRORS: list[FieldError] = []  # shared, never appended to: what a batch without errors returns
 
 
 def _has_control(text: str) -> bool:
@@ -95,6 +101,8 @@ class EventValidator:
         self.max_id_length = ingest.max_id_length
         self.max_future = timedelta(seconds=ingest.max_future_seconds)
         self.max_past = timedelta(seconds=config.max_past_seconds)
+        self.all_or_nothing = ingest.all_or_nothing
+        self.uncounted_events = frozenset(ingest.uncounted_events)
 
     # body ---------------------------------------------------------------------------------------
     def check_content_type(self, content_type: str | None) -> None:
@@ -108,14 +116,31 @@ class EventValidator:
                                   [FieldError(None, "Content-Type", "must be application/json")],
                                   code="unsupported_media_type")
 
-    def parse(self, body: bytes, *, shape: Shape = "any", now: datetime | None = None) -> list[Event]:
+    def parse(self, body: bytes, *, shape: Shape = "any", now: datetime | None = None,
+              call_type: str | None = None) -> list[Event]:
         """Parse and validate a whole request body; RequestRejected if anything is wrong.
 
         Hot path: each event goes through :meth:`_valid_event`, which only says "valid, here it is" or
         "look closer"; at the first "look closer" the whole request is validated again by the
         detailed path (:meth:`_validate`), which collects every error. Both accept exactly the same
         events (``tests/core/test_event_fast_path.py`` checks it on generated events).
+        ``call_type`` is the Segment call a route stands for (``/v1/identify``: "identify"), used for
+        events that carry no ``type`` of their own.
         """
+        return self._parse(body, shape, now, call_type, partial=False)[0]
+
+    def parse_partial(self, body: bytes, *, shape: Shape = "any", now: datetime | None = None,
+                      call_type: str | None = None) -> tuple[list[Event], list[FieldError], int]:
+        """Like :meth:`parse`, but a batch's valid events are kept and its invalid ones listed:
+        (valid events, the refused events' errors, how many events the request held).
+
+        Still RequestRejected when the request itself is unreadable (not JSON, too large, wrong shape)
+        or when not one of its events is valid.
+        """
+        return self._parse(body, shape, now, call_type, partial=True)
+
+    def _parse(self, body: bytes, shape: Shape, now: datetime | None, call_type: str | None,
+               partial: bool) -> tuple[list[Event], list[FieldError], int]:
         if len(body) > self.max_request_bytes:
             raise RequestRejected(
                 413, f"request body is {len(body)} bytes, over the {self.max_request_bytes}-byte limit; "
@@ -130,6 +155,8 @@ class EventValidator:
                                   [FieldError(None, "body", f"invalid JSON: {error}")], code="invalid_json") from None
         if document.__class__ is dict and shape != "batch" and "batch" not in document:
             raw_events: list[Any] = [document]  # one event: the common single-event request
+            if call_type is not None:
+                _apply_call_type(document, call_type)
         else:
             raw_events = self._unwrap(document, shape)
             if len(raw_events) > self.max_batch_events:
@@ -139,6 +166,10 @@ class EventValidator:
                     events=len(raw_events))
             if not raw_events:
                 raise RequestRejected(400, "the request holds no events", [FieldError(None, "batch", "is empty")])
+            if call_type is not None:
+                for raw in raw_events:
+                    if raw.__class__ is dict:
+                        _apply_call_type(raw, call_type)
         now = now or datetime.now(UTC)
         check_size = len(body) > self.max_event_bytes
         valid_event = self._valid_event
@@ -147,11 +178,12 @@ class EventValidator:
         for raw in raw_events:
             event = valid_event(raw, now, check_size)
             if event is None:
-                return self._validate(raw_events, now, check_size)
+                return self._validate(raw_events, now, check_size, partial)
             append(event)
-        return events
+        return events, _NO_ERRORS, len(raw_events)
 
-    def _validate(self, raw_events: list[Any], now: datetime, check_size: bool) -> list[Event]:
+    def _validate(self, raw_events: list[Any], now: datetime, check_size: bool,
+                  partial: bool) -> tuple[list[Event], list[FieldError], int]:
         """The detailed path: every event checked field by field, every problem collected."""
         events: list[Event] = []
         errors: list[FieldError] = []
@@ -159,14 +191,14 @@ class EventValidator:
             event = self._event(index, raw, now, check_size, errors)
             if event is not None:
                 events.append(event)
-        if errors:
+        if errors and (not partial or not events):
             too_large = any(e.reason.startswith("event is") for e in errors)
             bad = len({e.index for e in errors})
             raise RequestRejected(
                 413 if too_large else 400,
                 f"{bad} of {len(raw_events)} events are invalid; nothing of this request was counted",
                 errors, code="payload_too_large" if too_large else "invalid_events", events=len(raw_events))
-        return events
+        return events, errors, len(raw_events)
 
     def _valid_event(self, raw: Any, now: datetime, check_size: bool) -> Event | None:
         """The event if it is plainly valid; None when the detailed path must decide (and explain).
@@ -217,8 +249,10 @@ class EventValidator:
             moment = parsed
         else:
             return None
-        if check_size and len(orjson.dumps(raw)) > self.max_event_bytes:
-            return None
+        if check_size:
+            size = event_size(raw)
+            if size is None or size > self.max_event_bytes:
+                return None
         return _new_event(Event, (name, user, moment, message))
 
     @staticmethod
@@ -253,8 +287,11 @@ class EventValidator:
             return None
         before = len(errors)
         if check_size:
-            size = len(orjson.dumps(raw))
-            if size > self.max_event_bytes:
+            size = event_size(raw)
+            if size is None:
+                errors.append(FieldError(index, _too_deep_field(raw), f"nested more than {MAX_SERIALIZABLE_DEPTH} "
+                                         "levels deep; flatten it"))
+            elif size > self.max_event_bytes:
                 errors.append(FieldError(index, "(event)",
                                          f"event is {size} bytes, over the {self.max_event_bytes}-byte limit"))
         event_type = self._event_type(index, raw, errors)
@@ -341,6 +378,47 @@ class EventValidator:
                                      f"is more than {int(self.max_past.total_seconds())} s in the past "
                                      "(older than the counter TTL; such events cannot be counted)"))
         return moment
+
+
+MAX_SERIALIZABLE_DEPTH = 254  # orjson.dumps refuses (RecursionError) deeper nesting than it can write
+
+
+def event_size(raw: dict[str, Any]) -> int | None:
+    """An event's size as compact JSON, in bytes; None when it is nested too deep to serialise.
+
+    orjson reads nesting up to 1024 levels but writes at most 254: without this guard a deeply
+    nested event in a body large enough to need the size check raised out of the validator (503).
+    """
+    try:
+        return len(orjson.dumps(raw))
+    except TypeError:  # orjson.JSONEncodeError("Recursion limit reached")
+        return None
+
+
+def _too_deep_field(raw: dict[str, Any]) -> str:
+    """The first top-level field of a too-deeply nested event whose value cannot be serialised."""
+    for name, value in raw.items():
+        if isinstance(value, dict | list) and event_size({"v": value}) is None:
+            return str(name)[:64]
+    return "(event)"
+
+
+def _apply_call_type(raw: dict[str, Any], call_type: str) -> None:
+    """Give an event the call type its route stands for, unless it names one itself.
+
+    ``"$engage"`` is PostHog's ``/engage/`` (people updates of old clients): counted as ``$identify``,
+    the user in ``$distinct_id``.
+    """
+    if call_type == ENGAGE:
+        if "event" not in raw:
+            raw["event"] = "$identify"
+        if "distinct_id" not in raw and "$distinct_id" in raw:
+            raw["distinct_id"] = raw["$distinct_id"]
+    elif "type" not in raw:
+        raw["type"] = call_type
+
+
+ENGAGE = "$engage"
 
 
 def parse_timestamp(value: str) -> datetime | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from analytics_pipeline.core.config import Config, ConfigError, parse_config
+from analytics_pipeline.core.config import UNCOUNTED_EVENTS, Config, ConfigError, parse_config
 
 from . import crd
 
@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
         "maxFutureSeconds": 300,
         "maxPastSeconds": None,  # None: the counter TTL
         "dedupWindowSeconds": 86400,
+        "allOrNothing": False,
+        "uncountedEvents": list(UNCOUNTED_EVENTS),
     },
     "flush": {"schedule": None, "interval": None, "batchSize": 1000, "retentionDays": 400},
     "suspend": False,
@@ -76,6 +78,8 @@ CONFIG_FIELDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("ingest", "maxFutureSeconds"): ("ingest", "max_future_seconds"),
     ("ingest", "maxPastSeconds"): ("ingest", "max_past_seconds"),
     ("ingest", "dedupWindowSeconds"): ("ingest", "dedup_window_seconds"),
+    ("ingest", "allOrNothing"): ("ingest", "all_or_nothing"),
+    ("ingest", "uncountedEvents"): ("ingest", "uncounted_events"),
     ("sidecar", "host"): ("server", "host"),
     ("sidecar", "port"): ("server", "port"),
     ("flush", "batchSize"): ("flush", "batch_size"),

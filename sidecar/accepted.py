@@ -1,4 +1,4 @@
-"""The ingest endpoints' 202: status line, headers and body built as bytes and sent in one write.
+"""The ingest endpoints' 200: status line, headers and body built as bytes and sent in one write.
 
 aiohttp turns a returned ``web.Response`` into bytes through a chain of ~10 coroutines (prepare,
 header preparation, the prepare signal, header serialisation, write_eof, drain); for a 30-byte JSON
@@ -21,7 +21,7 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict
 
 _HEADERS = CIMultiDict({hdrs.CONTENT_TYPE: "application/json"})
-_HEAD = ("HTTP/1.%d 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n"
+_HEAD = ("HTTP/1.%d 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n"
          f"Server: {SERVER_SOFTWARE}\r\n%s\r\n")
 _KEEP_ALIVE_10 = "Connection: keep-alive\r\n"
 _CLOSE_11 = "Connection: close\r\n"
@@ -56,10 +56,10 @@ _HEADS = _HeadCache()
 
 
 class AcceptedResponse(web.Response):
-    """``202 Accepted`` with a JSON body, written in one piece; see the module docstring."""
+    """``200 OK`` (stored) with a JSON body, written in one piece; see the module docstring."""
 
     def __init__(self, body: bytes) -> None:
-        super().__init__(status=202, body=body, headers=_HEADERS)
+        super().__init__(status=200, body=body, headers=_HEADERS)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:

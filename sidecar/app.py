@@ -75,7 +75,9 @@ def _guarding_routes(app: web.Application) -> Iterator[None]:
 def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = None,
                reload_interval: float = 2.0, fence_deadline_seconds: float | None = None) -> web.Application:
     """Build the sidecar app for ``config``; with ``config_path`` the file is watched and reloaded live."""
-    app = web.Application(client_max_size=config.ingest.max_request_bytes + 1)
+    # auto_decompress off: bodies are decoded by .bodies (every encoding capped, unknown ones a JSON 415).
+    app = web.Application(client_max_size=config.ingest.max_request_bytes + 1,
+                          handler_args={"auto_decompress": False})
     metrics = SidecarMetrics()
     committer = GroupCommitter(config, metrics, fence_deadline_seconds=fence_deadline_seconds)
     state = SidecarState(config, EventValidator(config), committer, metrics)

@@ -1,9 +1,11 @@
 """Run the ingest sidecar: an HTTP server on localhost that validates events and counts them in Redis.
 
-Endpoints: POST /v1/events (one event, an array, or {"batch": [...]}), POST /v1/track and
-POST /v1/batch (Segment/PostHog field names); GET /healthz, /readyz, /metrics.
-Answers 202 {"accepted": n, "duplicates": d} only once the events are in Redis; 4xx naming every
-bad field; 503 with Retry-After when Redis is unavailable (then nothing was counted).
+Endpoints: POST /v1/events (one event, an array, or {"batch": [...]}), the routes Segment,
+RudderStack and PostHog SDKs post to (/v1/batch, /v1/track, /batch/, /e/, ...: docs/http-api.md);
+GET /healthz, /readyz, /metrics.
+Answers 200 {"accepted": n, "duplicates": d} only once the events are in Redis (a batch's invalid
+events listed in "rejected"); 4xx naming every bad field; 503 with Retry-After when Redis is
+unavailable (then nothing was counted).
 The config file is re-read when it changes (limits, TTL, granularities; no restart needed).
 """
 

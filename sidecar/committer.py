@@ -13,7 +13,7 @@ may not have run. Every commit therefore carries a unique token that the script 
 (``SET token NX``); after an ambiguous failure we *fence* on a fresh connection with the same
 ``SET NX``: if the fence wins, the script can never run any more (it would find the token), so the
 requests get 503; if the token is there, the script ran, and its value tells which events were
-duplicates, so the requests get 202.
+duplicates, so the requests get 200.
 """
 
 from __future__ import annotations

@@ -10,9 +10,33 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from analytics_pipeline.core.events import Event, FieldError
+
 REFUSAL_REASONS = ("invalid_json", "invalid_events", "invalid_request", "unreadable_body", "payload_too_large",
-                   "unsupported_media_type", "redis_unavailable", "overloaded", "internal_error")
+                   "unsupported_media_type", "unsupported_encoding", "redis_unavailable", "overloaded",
+                   "internal_error")
 AMBIGUOUS_OUTCOMES = ("applied", "fenced", "unknown")
+# Why one event of a partly accepted batch was rejected (label of events_rejected_total).
+REJECTION_REASONS = ("not_an_object", "too_large", "too_deep", "event_name", "call_type", "user_id", "message_id",
+                     "timestamp_invalid", "timestamp_future", "timestamp_past", "properties")
+_FIELD_REASONS = {"(event)": "not_an_object", "event": "event_name", "type": "call_type", "properties": "properties",
+                  "user_id": "user_id", "userId": "user_id", "distinct_id": "user_id", "anonymousId": "user_id",
+                  "properties.distinct_id": "user_id", "message_id": "message_id", "messageId": "message_id",
+                  "uuid": "message_id"}
+
+
+def rejection_reason(error: FieldError) -> str:
+    """The metric label for one event's rejection (a small fixed set, whatever the reason's text)."""
+    reason = error.reason
+    if reason.startswith("event is"):
+        return "too_large"
+    if reason.startswith("nested more than"):
+        return "too_deep"
+    if error.field == "timestamp":
+        if "in the future" in reason:
+            return "timestamp_future"
+        return "timestamp_past" if "in the past" in reason else "timestamp_invalid"
+    return _FIELD_REASONS.get(error.field, "not_an_object")
 
 
 class SidecarMetrics:
@@ -24,12 +48,21 @@ class SidecarMetrics:
         self.events_accepted = Counter("analytics_sidecar_events_accepted", "Events counted in Redis", registry=r)
         self.events_duplicate = Counter("analytics_sidecar_events_duplicate",
                                         "Events skipped because their message_id was already seen", registry=r)
-        self.requests_accepted = Counter("analytics_sidecar_requests_accepted", "Requests answered 202", registry=r)
+        self.requests_accepted = Counter("analytics_sidecar_requests_accepted", "Requests answered 200 (stored)",
+                                         registry=r)
         self.requests_refused = Counter("analytics_sidecar_requests_refused", "Requests refused, by reason",
                                         ["reason"], registry=r)
         self.events_refused = Counter("analytics_sidecar_events_refused",
                                       "Events in refused requests (when the body could be parsed), by reason",
                                       ["reason"], registry=r)
+        self.events_rejected = Counter(
+            "analytics_sidecar_events_rejected",
+            "Invalid events of partly accepted batches (not counted; the rest of the batch was), by reason",
+            ["reason"], registry=r)
+        self.events_not_counted = Counter(
+            "analytics_sidecar_events_not_counted",
+            "Calls acknowledged but not counted (ingest.uncounted_events: identify, group, alias, ...), by event",
+            ["event"], registry=r)
         self.redis_write_seconds = Histogram(
             "analytics_sidecar_redis_write_seconds", "Latency of one group-commit write to Redis", registry=r,
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -56,6 +89,8 @@ class SidecarMetrics:
         for reason in REFUSAL_REASONS:
             self.requests_refused.labels(reason)
             self.events_refused.labels(reason)
+        for reason in REJECTION_REASONS:
+            self.events_rejected.labels(reason)
         for outcome in AMBIGUOUS_OUTCOMES:
             self.ambiguous_writes.labels(outcome)
         self._refused = {reason: self.requests_refused.labels(reason) for reason in REFUSAL_REASONS}
@@ -68,6 +103,20 @@ class SidecarMetrics:
         child.inc()
         if events:
             self.events_refused.labels(reason).inc(events)
+
+    def rejected(self, errors: list[FieldError]) -> None:
+        """Count the events a partly accepted batch rejected (once each, by its first reason)."""
+        seen: set[int | None] = set()
+        for error in errors:
+            if error.index not in seen:
+                seen.add(error.index)
+                self.events_rejected.labels(rejection_reason(error)).inc()
+
+    def not_counted(self, events: list[Event], uncounted: frozenset[str]) -> None:
+        """Count acknowledged-but-not-counted calls by event type (bounded: the names are from config)."""
+        for event in events:
+            if event.event_type in uncounted:
+                self.events_not_counted.labels(event.event_type).inc()
 
     def watch(self, in_flight: Callable[[], float], pending: Callable[[], float],
               writes: Callable[[], float]) -> None:

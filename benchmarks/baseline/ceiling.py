@@ -1,6 +1,6 @@
 """The HTTP ceiling of benchmarks/ingest.py: an aiohttp server whose POST handler does nothing.
 
-It parses nothing and touches no Redis: it answers 202 with a body the size of the sidecar's. Served
+It parses nothing and touches no Redis: it answers 200 with a body the size of the sidecar's. Served
 like the sidecar (AppRunner, no access log, same backlog) on the loop asked for, so the project's
 requests/s can be read as a fraction of what aiohttp itself can do on this machine.
 
@@ -19,8 +19,8 @@ _BODY = b'{"accepted":1,"duplicates":0}'
 
 
 async def post_events(request: web.Request) -> web.Response:
-    """Answer 202 without reading the body (aiohttp drains it before reusing the connection)."""
-    return web.Response(status=202, body=_BODY, content_type="application/json")
+    """Answer 200 without reading the body (aiohttp drains it before reusing the connection)."""
+    return web.Response(status=200, body=_BODY, content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -2,7 +2,7 @@
 
 Per request: ``await request.json()``, then for every event one redis-py pipeline (MULTI/EXEC, so it is
 as atomic as the project's write) of INCR + EXPIRE on a daily, an hourly and a per-user daily key and
-SADD of those keys to a pending set, awaited before the 202. No validation beyond "has an event name".
+SADD of those keys to a pending set, awaited before the 200. No validation beyond "has an event name".
 Keys: ``naive:{<pipeline>}:d:YYYYMMDD:<event>``, ``...:h:YYYYMMDDHH:<event>``,
 ``...:u:YYYYMMDD:<event>:<user>``, ``naive:{<pipeline>}:pending``.
 
@@ -24,7 +24,7 @@ PREFIX: web.AppKey[str] = web.AppKey("prefix", str)
 
 
 async def post_events(request: web.Request) -> web.Response:
-    """Count every event of the request with its own INCR/EXPIRE/SADD pipeline, then answer 202."""
+    """Count every event of the request with its own INCR/EXPIRE/SADD pipeline, then answer 200."""
     document: Any = await request.json()
     events = document if isinstance(document, list) else document.get("batch", [document])
     if not events or not all(isinstance(e, dict) and isinstance(e.get("event"), str) for e in events):
@@ -45,7 +45,7 @@ async def post_events(request: web.Request) -> web.Response:
                 pipe.expire(key, TTL_SECONDS)
             pipe.sadd(f"{prefix}pending", *keys)
             await pipe.execute()
-    return web.json_response({"accepted": len(events), "duplicates": 0}, status=202)
+    return web.json_response({"accepted": len(events), "duplicates": 0}, status=200)
 
 
 async def healthz(request: web.Request) -> web.Response:

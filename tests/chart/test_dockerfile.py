@@ -55,6 +55,28 @@ def test_multi_stage_non_root_and_no_build_tools_in_the_final_image() -> None:
     assert "runAsUser: 10001" in (REPO / "charts/analytics-pipeline/templates/_helpers.tpl").read_text()
 
 
+def test_builds_on_a_plain_debian_base_without_fetching_a_frontend() -> None:
+    """A `# syntax=` directive makes BuildKit pull a frontend image; a Debian base has `python3`, not `python`."""
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE, re.M | re.I)
+    runs = [line for stage in stages() for line in stage if line.startswith("RUN ")]
+    assert any("python3 -m venv /opt/venv" in line for line in runs)
+    assert not [line for line in runs if re.search(r"(^|[\s&;|])python\s", line)], "bare `python` in a RUN"
+
+
+def test_dependencies_come_only_from_the_lock_with_hashes() -> None:
+    """Every pip install either takes requirements.lock hash-checked or adds nothing (--no-deps)."""
+    (build, _) = stages()
+    text = "\n".join(build)
+    assert "COPY requirements.lock /tmp/requirements.lock" in text
+    installs = re.findall(r"pip install[^&\n]*", text)
+    assert installs, "no pip install in the build stage"
+    for install in installs:
+        assert ("--require-hashes" in install and "-r /tmp/requirements.lock" in install) or "--no-deps" in install, \
+            f"unlocked install: {install}"
+    assert any("--require-hashes" in install for install in installs)
+    assert not re.search(r"pip install[^\n]*--upgrade", text), "an unpinned upgrade in the build"
+
+
 def test_build_context_holds_everything_the_build_copies() -> None:
     (build, _) = stages()
     copied: list[str] = []

@@ -53,12 +53,12 @@ async def test_real_sidecar_page_in_chromium(config: Config, pg: asyncpg.Connect
         batch = [{"event": "page_view", "user_id": f"u{i % 4}", "timestamp": stamp} for i in range(12)]
         batch += [{"event": "signup", "userId": "u1", "timestamp": stamp}] * 3
         async with http.post(f"{base}/v1/events", json=batch) as response:
-            assert response.status == 202
+            assert response.status == 200
         stats = await flush_pipeline(redis_client, pg, config, config.pipeline)
         assert stats.exit_code == 0, stats.error
         async with http.post(f"{base}/v1/events", json={"event": "page_view", "user_id": "u9",
                                                           "timestamp": stamp}) as response:
-            assert response.status == 202
+            assert response.status == 200
 
         doc = parse(await chromium.dump_dom(f"{base}/?refresh=0"))
         shot = await chromium.screenshot(f"{base}/?refresh=0", tmp_path / "dashboard-live.png")

@@ -195,7 +195,7 @@ async def test_bad_parameters_name_the_parameter(redis_client: aioredis.Redis, p
 
 @pytest.fixture(params=["lua", "sidecar"])
 async def any_writer(request: pytest.FixtureRequest, writer: LuaWriter, config: Config) -> AsyncIterator[Writer]:
-    """The sidecar stand-in, or the real sidecar (create_app over HTTP; acked = 202)."""
+    """The sidecar stand-in, or the real sidecar (create_app over HTTP; acked = 200)."""
     if request.param == "lua":
         yield writer
         return

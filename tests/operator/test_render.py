@@ -100,6 +100,19 @@ def test_configmap_is_loadable_by_the_sidecars_loader_and_has_no_secrets(tmp_pat
     assert "redis_url" not in yaml.safe_load(path.read_text()) and "database_url" not in path.read_text()
 
 
+def test_batch_acceptance_and_counted_calls_come_from_the_spec(tmp_path: Path) -> None:
+    default = render.desired_state("shop", "checkout", MINIMAL, default_image="img:1").config.ingest
+    assert default.all_or_nothing is False and "identify" in default.uncounted_events
+    spec = {**copy.deepcopy(MINIMAL), "ingest": {"allOrNothing": True, "uncountedEvents": []}}
+    desired = render.desired_state("shop", "checkout", spec, default_image="img:1")
+    path = tmp_path / crd.CONFIG_KEY
+    path.write_text(desired.configmap["data"][crd.CONFIG_KEY], encoding="utf-8")
+    ingest = load_config(path, env={}).ingest
+    assert ingest.all_or_nothing is True and ingest.uncounted_events == ()
+    with pytest.raises(render.InvalidSpec, match=r"ingest\.allOrNothing"):
+        render.desired_state("shop", "checkout", {**MINIMAL, "ingest": {"allOrNothing": "yes"}}, default_image="i")
+
+
 def test_sidecar_snippet_is_a_usable_container() -> None:
     desired = render.desired_state("shop", "checkout", MINIMAL, default_image="img:1")
     snippet = yaml.safe_load(desired.configmap["data"][crd.SIDECAR_SNIPPET_KEY])

@@ -98,13 +98,13 @@ def per_event(user_totals: dict[str, int]) -> dict[str, int]:
 
 
 async def first_event_accepted(port: int, attempts: int, delay: float) -> bool:
-    """POST one event to a sidecar that is starting on ``port`` until it answers (it must answer 202);
+    """POST one event to a sidecar that is starting on ``port`` until it answers (it must answer 200);
     False if it never listened within ``attempts`` tries ``delay`` seconds apart."""
     async with aiohttp.ClientSession() as session:
         for _ in range(attempts):
             try:
                 async with session.post(f"http://127.0.0.1:{port}/v1/events", json={"event": "a"}) as answer:
-                    assert answer.status == 202
+                    assert answer.status == 200
                     return True
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(delay)

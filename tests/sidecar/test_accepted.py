@@ -1,4 +1,4 @@
-"""The 202 the sidecar writes in one piece is byte for byte what aiohttp's own Response would send.
+"""The 200 the sidecar writes in one piece is byte for byte what aiohttp's own Response would send.
 
 The reference is a plain aiohttp app answering the same body with ``web.Response``; both are asked
 over raw sockets (keep-alive, Connection: close, HTTP/1.0 with and without keep-alive, pipelining),
@@ -50,7 +50,7 @@ async def exchange(port: int, *requests: bytes) -> tuple[list[bytes], bool]:
 async def reference_port() -> AsyncIterator[int]:
     async def accept(request: web.Request) -> web.Response:
         await request.read()
-        return web.Response(status=202, body=b'{"accepted":1,"duplicates":0}', content_type="application/json")
+        return web.Response(status=200, body=b'{"accepted":1,"duplicates":0}', content_type="application/json")
 
     app = web.Application()
     app.router.add_post("/v1/events", accept)
@@ -70,7 +70,7 @@ async def test_same_bytes_as_aiohttp(start_sidecar: SidecarFactory, config: Conf
     ours = await exchange(sidecar.server.port, request(version, headers))  # type: ignore[arg-type]
     theirs = await exchange(reference_port, request(version, headers))
     assert ours == theirs
-    assert ours[0][0].startswith(f"HTTP/{version} 202 Accepted\r\n".encode())
+    assert ours[0][0].startswith(f"HTTP/{version} 200 OK\r\n".encode())
 
 
 async def test_an_aiohttp_without_the_internals_gets_its_general_path(
@@ -111,7 +111,7 @@ async def test_a_prepare_signal_still_sees_and_changes_the_answer(config: Config
         (answer,), _ = await exchange(server.port, request())  # type: ignore[arg-type]
     finally:
         await server.close()
-    assert seen == [202] and b"\r\nX-Stamp: 1\r\n" in answer and answer.endswith(b'{"accepted":1,"duplicates":0}')
+    assert seen == [200] and b"\r\nX-Stamp: 1\r\n" in answer and answer.endswith(b'{"accepted":1,"duplicates":0}')
 
 
 def test_the_date_header_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,8 +31,8 @@ async def test_fifty_concurrent_clients_singles_and_batches(
             path, body = ("/v1/events", events[0]) if size == 1 else rng.choice(
                 [("/v1/events", events), ("/v1/batch", {"batch": events})])
             answer = await sidecar.post(path, body)
-            assert answer.status == 202, answer.body
-            assert answer.body == {"accepted": size, "duplicates": 0}
+            assert answer.status == 200, answer.body
+            assert (answer.body["accepted"], answer.body["duplicates"]) == (size, 0)
             for event in events:
                 acked[event["event"]] = acked.get(event["event"], 0) + 1
                 acked_users += "user_id" in event

@@ -39,7 +39,7 @@ async def test_not_ready_when_redis_is_down(start_sidecar: SidecarFactory, sidec
 
 async def test_metrics_exposition(sidecar: Sidecar) -> None:
     assert (await sidecar.post("/v1/events", [{"event": "a", "message_id": "x"}, {"event": "a", "message_id": "x"},
-                                              {"event": "b"}])).status == 202
+                                              {"event": "b"}])).status == 200
     assert (await sidecar.post("/v1/events", raw=b"{")).status == 400
     assert (await sidecar.post("/v1/events", {"event": "a"}, content_type="text/html")).status == 415
     answer = await sidecar.get("/metrics")
@@ -69,7 +69,7 @@ async def test_metrics_exposition(sidecar: Sidecar) -> None:
 
 async def test_two_apps_have_separate_registries(start_sidecar: SidecarFactory, sidecar_config) -> None:
     first, second = await start_sidecar(sidecar_config()), await start_sidecar(sidecar_config())
-    assert (await first.post("/v1/events", {"event": "a"})).status == 202
+    assert (await first.post("/v1/events", {"event": "a"})).status == 200
     assert first.metrics.events_accepted._value.get() == 1
     assert second.metrics.events_accepted._value.get() == 0
 

@@ -22,7 +22,7 @@ async def test_each_granularity_lands_in_its_hash_with_ttl_and_dirty_entry(
     before_ms = int(time.time() * 1000)
     answer = await sidecar.post("/v1/events", {"event": "page_view", "user_id": "u1", "timestamp": iso(moment),
                                                "properties": {"path": "/"}})
-    assert answer.status == 202, answer.body
+    assert answer.status == 200, answer.body
     assert answer.body == {"accepted": 1, "duplicates": 0}
     assert answer.headers["Content-Type"].startswith("application/json")
 
@@ -40,7 +40,7 @@ async def test_each_granularity_lands_in_its_hash_with_ttl_and_dirty_entry(
     assert await redis_client.sismember(PIPELINES_SET, keys.pipeline)
     # The dirty score is the FIRST dirtying time: a later write does not move it.
     first = dirty[daily]
-    assert (await sidecar.post("/v1/events", {"event": "page_view", "timestamp": iso(moment)})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "page_view", "timestamp": iso(moment)})).status == 200
     assert await redis_client.zscore(keys.dirty, daily) == first
     assert await redis_client.hget(daily, "page_view") == "2"
 
@@ -62,7 +62,7 @@ async def test_buckets_are_utc_around_midnight_and_offsets(
     ]
     assert events[0]["timestamp"].endswith("23:59:59.999Z")
     answer = await sidecar.post("/v1/events", events)
-    assert answer.status == 202, answer.body
+    assert answer.status == 200, answer.body
     before = midnight - timedelta(days=1)
     assert await redis_client.hgetall(keys.daily(before)) == {"a": "1", "c": "1"}
     assert await redis_client.hgetall(keys.daily(midnight)) == {"b": "1", "d": "1", "e": "1"}
@@ -78,7 +78,7 @@ async def test_explicit_past_timestamps_use_their_own_bucket(
     three_days = datetime.now(UTC) - timedelta(days=3, minutes=7)
     now = datetime.now(UTC)
     answer = await sidecar.post("/v1/events", [{"event": "old", "timestamp": iso(three_days)}, {"event": "new"}])
-    assert answer.status == 202
+    assert answer.status == 200
     assert await redis_client.hgetall(keys.daily(three_days)) == {"old": "1"}
     assert await redis_client.hgetall(keys.hourly(three_days)) == {"old": "1"}
     assert (await redis_client.hget(keys.daily(now), "new")) == "1"
@@ -88,7 +88,7 @@ async def test_switched_off_granularities_are_not_written(
         start_sidecar: SidecarFactory, sidecar_config, redis_client: aioredis.Redis, keys: PipelineKeys) -> None:
     sidecar = await start_sidecar(sidecar_config(counters={"granularities": ["hourly"], "ttl_seconds": 7200}))
     answer = await sidecar.post("/v1/events", [{"event": "x", "user_id": "u"}, {"event": "x", "message_id": "m"}])
-    assert answer.status == 202 and answer.body == {"accepted": 2, "duplicates": 0}
+    assert answer.status == 200 and answer.body == {"accepted": 2, "duplicates": 0}
     # (the last commit's fence token stays until the next commit deletes it)
     live = [key for key in await pipeline_keys(redis_client, keys) if key != keys.message("m") and ":gc:" not in key]
     now = datetime.now(UTC)
@@ -100,7 +100,7 @@ async def test_switched_off_granularities_are_not_written(
 async def test_user_daily_only_for_events_with_a_user(
         sidecar: Sidecar, redis_client: aioredis.Redis, keys: PipelineKeys) -> None:
     answer = await sidecar.post("/v1/events", [{"event": "x"}, {"event": "x", "user_id": "u2"}])
-    assert answer.status == 202
+    assert answer.status == 200
     now = datetime.now(UTC)
     assert await redis_client.hgetall(keys.user_daily(now)) == {user_field("x", "u2"): "1"}
     assert await redis_client.hgetall(keys.daily(now)) == {"x": "2"}
@@ -110,25 +110,27 @@ async def test_segment_and_posthog_shapes(
         sidecar: Sidecar, redis_client: aioredis.Redis, keys: PipelineKeys) -> None:
     track = {"type": "track", "event": "Signed Up", "userId": "s-user", "messageId": "seg-1",
              "timestamp": iso(datetime.now(UTC)), "properties": {"plan": "pro"}, "context": {"library": {}}}
-    assert (await sidecar.post("/v1/track", track)).body == {"accepted": 1, "duplicates": 0}
+    assert (await sidecar.post("/v1/track", track)).body == {"accepted": 1, "duplicates": 0, "success": True}
     segment_batch = {"batch": [{"type": "page", "anonymousId": "anon-1"},
                                {"type": "identify", "userId": "s-user", "traits": {}}],
                      "sentAt": iso(datetime.now(UTC)), "writeKey": "ignored"}
-    assert (await sidecar.post("/v1/batch", segment_batch)).body == {"accepted": 2, "duplicates": 0}
+    # identify is acknowledged, not counted (ingest.uncounted_events)
+    assert (await sidecar.post("/v1/batch", segment_batch)).body == {"accepted": 1, "duplicates": 0,
+                                                                    "not_counted": 1, "success": True}
     posthog = {"api_key": "phc_x", "batch": [
         {"event": "$pageview", "distinct_id": "ph-user", "uuid": "0190-ph-1", "properties": {"$current_url": "/"}},
         {"event": "clicked", "properties": {"distinct_id": "ph-user-2"}, "type": "capture"}]}
-    assert (await sidecar.post("/batch/", posthog)).body == {"accepted": 2, "duplicates": 0}
+    assert (await sidecar.post("/batch/", posthog)).body == {"accepted": 2, "duplicates": 0, "status": 1}
     # A retried Segment call and a retried PostHog event are recognised by messageId / uuid.
-    assert (await sidecar.post("/v1/track", track)).body == {"accepted": 0, "duplicates": 1}
-    assert (await sidecar.post("/v1/batch", {"batch": posthog["batch"][:1]})).body == {"accepted": 0,
-                                                                                     "duplicates": 1}
+    assert (await sidecar.post("/v1/track", track)).body == {"accepted": 0, "duplicates": 1, "success": True}
+    assert (await sidecar.post("/v1/batch", {"batch": posthog["batch"][:1]})).body == {
+        "accepted": 0, "duplicates": 1, "success": True}
     now = datetime.now(UTC)
     assert await redis_client.hgetall(keys.daily(now)) == {
-        "Signed Up": "1", "page_view": "1", "identify": "1", "$pageview": "1", "clicked": "1"}
+        "Signed Up": "1", "page_view": "1", "$pageview": "1", "clicked": "1"}
     assert await kind_totals(redis_client, keys, "u") == {
         user_field("Signed Up", "s-user"): 1, user_field("page_view", "anon-1"): 1,
-        user_field("identify", "s-user"): 1, user_field("$pageview", "ph-user"): 1,
+        user_field("$pageview", "ph-user"): 1,
         user_field("clicked", "ph-user-2"): 1}
 
 
@@ -137,6 +139,6 @@ async def test_array_and_batch_wrapper_on_v1_events(
     assert (await sidecar.post("/v1/events", [{"event": "a"}, {"event": "a"}, {"event": "b"}])).body == {
         "accepted": 3, "duplicates": 0}
     assert (await sidecar.post("/v1/events", {"batch": [{"event": "b"}]})).body == {"accepted": 1, "duplicates": 0}
-    assert (await sidecar.post("/v1/events", {"event": "c"}, content_type=None)).status == 202
-    assert (await sidecar.post("/v1/events", {"event": "c"}, content_type="text/plain;charset=UTF-8")).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "c"}, content_type=None)).status == 200
+    assert (await sidecar.post("/v1/events", {"event": "c"}, content_type="text/plain;charset=UTF-8")).status == 200
     assert await redis_client.hgetall(keys.daily(datetime.now(UTC))) == {"a": "2", "b": "2", "c": "2"}

@@ -64,7 +64,7 @@ async def test_ingest_probes_and_metrics_do_not_load_the_read_path(config: Confi
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, stderr.decode()[-2000:]
     report = json.loads(stdout.decode().strip().splitlines()[-1])
-    assert report["ingest"] == [202, {"accepted": 2, "duplicates": 0}]
+    assert report["ingest"] == [200, {"accepted": 2, "duplicates": 0}]
     assert report["readyz"] == 200 and report["metrics"] == 200
     assert report["after_create_app"] == [] and report["after_ingest"] == []
     # The first read request loads them (200, or 503 if the shared test database lacks the tables).

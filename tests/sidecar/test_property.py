@@ -1,4 +1,4 @@
-"""Property: whatever the body, the answer is 202 or 4xx (never 5xx), and Redis holds exactly what was accepted."""
+"""Property: whatever the body, the answer is 200 or 4xx (never 5xx), and Redis holds exactly what was accepted."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ documents = (events | st.lists(events | valid_events, max_size=8) | st.lists(val
 bodies = documents.map(orjson.dumps) | st.binary(max_size=300) | st.sampled_from(
     [b"", b"{", b'{"event": NaN}', b'{"event": "a", "n": 1e999}', b"[" * 600 + b"]" * 600,
      b'{"batch": [' + b'{"event": "a"},' * 9 + b'{"event": "a"}]}', b'{"event": "' + b"x" * 5000 + b'"}'])
-paths = st.sampled_from(["/v1/events", "/v1/events", "/v1/track", "/v1/batch"])
+paths = st.sampled_from(["/v1/events", "/v1/events", "/v1/track", "/v1/batch", "/v1/identify", "/batch/",
+                         "/e/", "/i/v1/analytics/events"])
 content_types = st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None,
                                  "application/xml", "multipart/form-data"])
 
@@ -107,17 +108,19 @@ content_types = st.sampled_from(["application/json", "application/json; charset=
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(path=paths, body=bodies, content_type=content_types)
-def test_any_body_gets_202_or_4xx_and_redis_matches_accepted(
+def test_any_body_gets_200_or_4xx_and_redis_matches_accepted(
         threaded_sidecar: tuple[ThreadedSidecar, Any], keys: PipelineKeys, path: str, body: bytes,
         content_type: str | None) -> None:
     sidecar, client = threaded_sidecar
     accepted_so_far = getattr(sidecar, "accepted", 0)
     status, _headers, raw = sidecar.post(path, body, content_type)
     event(f"HTTP {status}")
-    assert status == 202 or 400 <= status < 500, (status, raw)
+    assert status == 200 or 400 <= status < 500, (status, raw)
     answer = orjson.loads(raw)
-    if status == 202:
-        assert set(answer) == {"accepted", "duplicates"}
+    if status == 200:
+        assert {"accepted", "duplicates"} <= set(answer) <= {"accepted", "duplicates", "success", "status",
+                                                             "results", "rejected", "message", "not_counted"}
+        assert all(set(error) == {"index", "field", "reason"} for error in answer.get("rejected", []))
         accepted_so_far += answer["accepted"]
         sidecar.accepted = accepted_so_far  # type: ignore[attr-defined]
     else:

@@ -1,4 +1,4 @@
-"""Redis stopped, frozen or paused under load: every answer is 202 (counted) or 503 + Retry-After (not counted).
+"""Redis stopped, frozen or paused under load: every answer is 200 (counted) or 503 + Retry-After (not counted).
 
 Empirical basis of the fence (see sidecar/committer.py), checked on Redis 7.0: a command sent to a
 SIGSTOPped Redis on a connection that the client then closes (FIN) still runs when Redis resumes,
@@ -32,7 +32,7 @@ class LoadResult:
 
 
 async def run_load(sidecar: Sidecar, stop: asyncio.Event, clients: int = 16) -> LoadResult:
-    """Closed-loop clients until ``stop``; each 503 must carry Retry-After and each 202 is tallied."""
+    """Closed-loop clients until ``stop``; each 503 must carry Retry-After and each 200 is tallied."""
     result = LoadResult()
 
     async def client(number: int) -> None:
@@ -42,7 +42,7 @@ async def run_load(sidecar: Sidecar, stop: asyncio.Event, clients: int = 16) -> 
             events = [{"event": f"e{rng.randrange(3)}", "user_id": f"u{rng.randrange(5)}"} for _ in range(size)]
             answer = await sidecar.post("/v1/events", events if size > 1 else events[0])
             result.answers[answer.status] = result.answers.get(answer.status, 0) + 1
-            if answer.status == 202:
+            if answer.status == 200:
                 assert answer.body == {"accepted": size, "duplicates": 0}
                 for event in events:
                     result.acked[event["event"]] = result.acked.get(event["event"], 0) + 1
@@ -93,7 +93,7 @@ async def test_redis_stopped_and_restarted_under_load(
     await asyncio.sleep(0.4)
     stop.set()
     result = await load
-    assert result.answers.get(202, 0) > 0, result.answers
+    assert result.answers.get(200, 0) > 0, result.answers
     await _assert_totals(aof_redis.url, keys, result)
     assert (await sidecar.get("/readyz")).status == 200
 
@@ -145,7 +145,7 @@ async def _one_request_during(sidecar: Sidecar, hold: float, freeze, thaw) -> ob
 async def test_single_write_to_sigstopped_redis_is_decided_exactly(
         start_sidecar: SidecarFactory, sidecar_config, private_redis: RedisServer, keys: PipelineKeys) -> None:
     sidecar = await start_sidecar(fast_failure_config(sidecar_config, private_redis.url), fence_deadline_seconds=20)
-    assert (await sidecar.post("/v1/events", {"event": "warm"})).status == 202  # script loaded, lane connected
+    assert (await sidecar.post("/v1/events", {"event": "warm"})).status == 200  # script loaded, lane connected
 
     async def freeze() -> None:
         private_redis.pause()
@@ -155,20 +155,20 @@ async def test_single_write_to_sigstopped_redis_is_decided_exactly(
 
     answer = await _one_request_during(sidecar, 1.0, freeze, thaw)
     # The lane timed out and closed its socket (FIN) while Redis was frozen; on SIGCONT Redis still
-    # runs the script it had received, then the fence finds the token: applied, so 202, counted once.
-    assert answer.status == 202, answer.body
+    # runs the script it had received, then the fence finds the token: applied, so 200, counted once.
+    assert answer.status == 200, answer.body
     assert answer.body == {"accepted": 1, "duplicates": 0}
     assert sidecar.metrics.ambiguous_writes.labels("applied")._value.get() == 1
     assert sidecar.metrics.ambiguous_writes.labels("fenced")._value.get() == 0
     async with client_for(private_redis.url) as client:
         assert await kind_totals(client, keys, "d") == {"warm": 1, "held": 1}
-    assert (await sidecar.post("/v1/events", {"event": "after"})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "after"})).status == 200
 
 
 async def test_single_write_under_client_pause_is_fenced_exactly(
         start_sidecar: SidecarFactory, sidecar_config, private_redis: RedisServer, keys: PipelineKeys) -> None:
     sidecar = await start_sidecar(fast_failure_config(sidecar_config, private_redis.url), fence_deadline_seconds=20)
-    assert (await sidecar.post("/v1/events", {"event": "warm"})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "warm"})).status == 200
     async with client_for(private_redis.url) as admin:
         async def freeze() -> None:
             await admin.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
@@ -227,7 +227,7 @@ class ReplyDroppingProxy:
             task.cancel()
 
 
-async def test_lost_reply_of_an_applied_write_is_answered_202_exactly(
+async def test_lost_reply_of_an_applied_write_is_answered_200_exactly(
         start_sidecar: SidecarFactory, sidecar_config, private_redis: RedisServer, keys: PipelineKeys) -> None:
     proxy = ReplyDroppingProxy(private_redis.port)
     url = await proxy.start()
@@ -240,7 +240,7 @@ async def test_lost_reply_of_an_applied_write_is_answered_202_exactly(
                                                        {"event": "lost-reply", "message_id": "new"},
                                                        {"event": "lost-reply"}])
             # The script ran (its reply was swallowed); the fence found its token and its duplicate list.
-            assert answer.status == 202, answer.body
+            assert answer.status == 200, answer.body
             assert answer.body == {"accepted": 2, "duplicates": 1}
             assert sidecar.metrics.ambiguous_writes.labels("applied")._value.get() == 1
             assert await admin.hgetall(keys.daily(datetime.now(UTC))) == {"lost-reply": "2"}
@@ -260,7 +260,7 @@ async def test_stopped_redis_answers_503_fast_and_counts_nothing(
     assert (await sidecar.get("/readyz")).status == 503
     assert (await sidecar.get("/healthz")).status == 200
     await asyncio.to_thread(private_redis.start)
-    assert (await sidecar.post("/v1/events", {"event": "a"})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "a"})).status == 200
     async with client_for(private_redis.url) as client:
         assert await kind_totals(client, keys, "d") == {"a": 1}
 
@@ -268,10 +268,10 @@ async def test_stopped_redis_answers_503_fast_and_counts_nothing(
 async def test_script_flushed_is_reloaded(start_sidecar: SidecarFactory, sidecar_config,
                                           private_redis: RedisServer, keys: PipelineKeys) -> None:
     sidecar = await start_sidecar(sidecar_config(redis_url=private_redis.url))
-    assert (await sidecar.post("/v1/events", {"event": "a"})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "a"})).status == 200
     async with client_for(private_redis.url) as client:
         await client.script_flush()
-        assert (await sidecar.post("/v1/events", {"event": "a"})).status == 202
+        assert (await sidecar.post("/v1/events", {"event": "a"})).status == 200
         assert await kind_totals(client, keys, "d") == {"a": 2}
 
 
@@ -293,13 +293,13 @@ async def test_pipeline_is_registered_again_after_redis_restarts_empty(
         start_sidecar: SidecarFactory, sidecar_config, private_redis: RedisServer, keys: PipelineKeys) -> None:
     """``flush --all`` finds pipelines through ap:pipelines: a Redis that lost it gets it back with the next write."""
     sidecar = await start_sidecar(sidecar_config(redis_url=private_redis.url))
-    assert (await sidecar.post("/v1/events", {"event": "a"})).status == 202
+    assert (await sidecar.post("/v1/events", {"event": "a"})).status == 200
     async with client_for(private_redis.url) as client:
         assert await client.smembers(PIPELINES_SET) == {keys.pipeline}
     private_redis.stop()
     private_redis.start()  # no persistence: it comes back empty
     statuses = [(await sidecar.post("/v1/events", {"event": "a"})).status for _ in range(3)]
-    assert 202 in statuses and set(statuses) <= {202, 503}
+    assert 200 in statuses and set(statuses) <= {200, 503}
     async with client_for(private_redis.url) as client:
         assert await client.smembers(PIPELINES_SET) == {keys.pipeline}
-        assert await kind_totals(client, keys, "d") == {"a": statuses.count(202)}
+        assert await kind_totals(client, keys, "d") == {"a": statuses.count(200)}

@@ -1,4 +1,8 @@
-"""Every limit and malformed input gets a 4xx naming the problem, and nothing of the request is counted."""
+"""Every limit and malformed input gets a 4xx naming the problem, and nothing of the request is counted.
+
+These run with ``ingest.all_or_nothing: true``, where one invalid event refuses its whole batch; the
+default partial acceptance of batches is tested in test_partial_acceptance.py.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,12 @@ from sidecar_helpers import Sidecar, SidecarFactory, pipeline_keys
 
 from analytics_pipeline.core.keys import PipelineKeys
 from analytics_pipeline.sidecar.appkeys import STATE
+
+
+@pytest.fixture
+async def sidecar(start_sidecar: SidecarFactory, sidecar_config, redis_client: aioredis.Redis) -> Sidecar:
+    """A sidecar that refuses a batch whole when any of its events is invalid."""
+    return await start_sidecar(sidecar_config(ingest={"all_or_nothing": True}))
 
 
 def _iso(delta: timedelta) -> str:
@@ -137,7 +147,7 @@ async def test_every_bad_event_is_listed_and_good_ones_are_not_counted(
 
 async def test_lowered_limits_are_enforced(start_sidecar: SidecarFactory, sidecar_config,
                                            redis_client: aioredis.Redis, keys: PipelineKeys) -> None:
-    sidecar = await start_sidecar(sidecar_config(ingest={
+    sidecar = await start_sidecar(sidecar_config(ingest={"all_or_nothing": True,
         "max_batch_events": 3, "max_request_bytes": 2048, "max_event_bytes": 256, "max_name_length": 8,
         "max_id_length": 4}))
     too_many = await sidecar.post("/v1/events", [GOOD] * 4)
@@ -161,7 +171,7 @@ async def test_lowered_limits_are_enforced(start_sidecar: SidecarFactory, sideca
 
     await _assert_nothing_counted(redis_client, keys)
     ok = await sidecar.post("/v1/events", [GOOD] * 3)
-    assert ok.status == 202 and ok.body == {"accepted": 3, "duplicates": 0}
+    assert ok.status == 200 and ok.body == {"accepted": 3, "duplicates": 0}
 
 
 async def test_huge_body_is_refused_before_it_is_read(start_sidecar: SidecarFactory, sidecar_config,
@@ -200,7 +210,7 @@ async def test_gzip_body_is_accepted_and_corrupt_gzip_refused(
 
     ok = await sidecar.post("/v1/batch", raw=gzip.compress(b'{"batch": [{"event": "zipped"}]}'),
                             headers={"Content-Encoding": "gzip"})
-    assert ok.status == 202 and ok.body == {"accepted": 1, "duplicates": 0}
+    assert ok.status == 200 and ok.body == {"accepted": 1, "duplicates": 0, "success": True}
     bad = await sidecar.post("/v1/batch", raw=b"\x1f\x8bnot really gzip", headers={"Content-Encoding": "gzip"})
     assert 400 <= bad.status < 500
     assert await redis_client.hgetall(keys.daily(datetime.now(UTC))) == {"zipped": "1"}
