@@ -380,7 +380,10 @@ async def drop_expired_partitions(conn: asyncpg.Connection, pipeline: str, reten
     for table, month in await existing_partitions(conn):
         if not past_retention(month, today, retention_days):
             continue
-        owners = await holders(conn, table, month)
+        try:
+            owners = await holders(conn, table, month)
+        except asyncpg.exceptions.UndefinedTableError:  # dropped meanwhile by another pipeline's retention
+            continue
         if not droppable(owners, month, today):
             continue
         name = partition_name(table, month)
@@ -398,8 +401,8 @@ async def drop_expired_partitions(conn: asyncpg.Connection, pipeline: str, reten
                 if table == "analytics_user_daily":
                     for owner, days in owners.items():
                         await _trim_rollups(conn, owner, days or retention_days)
-        except (_HoldersChanged, asyncpg.exceptions.LockNotAvailableError,
-                asyncpg.exceptions.DeadlockDetectedError) as error:
+        except (_HoldersChanged, asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.DeadlockDetectedError,
+                asyncpg.exceptions.UndefinedTableError) as error:
             log.info("partition %s kept for now (%s): its old rows are deleted row by row", name, error)
             continue
         log.info("dropped partition %s (past the retention of %d pipeline(s))", name, len(owners))
