@@ -11,13 +11,13 @@ with the same data by benchmarks/query.py's generator (a year and a month of hou
 rows for one pipeline, rollups rebuilt, VACUUM ANALYZE), then:
 
 - the dashboard queries of benchmarks/query.py (counts by hour/day, uniques, dashboard_snapshot), with
-  today's live buckets in Redis, each result checked against the data, p50/p99 per round;
+  today's live buckets in Redis, each result checked against the data, p50 and p99 per round;
 - flush runs of ``--flush-size`` counters over the last 7 days (benchmarks/flush.py's fill and run:
   PipelineFlush, checked exactly) into the same database, rows/s.
 
 Queries and flushes alternate between the layouts (each query's rounds, each flush repetition, the
 order flipped every round) so both see the same machine load. Printed: both layouts side by side and
-the ratio partitioned / unpartitioned (p99: < 1 is faster; rows/s: > 1 is faster).
+the ratio partitioned / unpartitioned (p50/p99: < 1 is faster; rows/s: > 1 is faster).
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ async def measure(layouts: list[Layout], client: aioredis.Redis, redis_url: str,
                 name, call = plans[layout.name][index]
                 timing = await query_bench.time_query(name, call, 1, args.seconds, 20)
                 layout.queries.setdefault(name, Timing(name, [])).rounds += timing.rounds
-                print(f"[{layout.name}] round {round_number + 1} {name:<36} p99 "
+                print(f"[{layout.name}] round {round_number + 1} {name:<36} p50 "
+                      f"{benchlib.percentile(timing.rounds[0], 50):7.2f} ms p99 "
                       f"{benchlib.percentile(timing.rounds[0], 99):7.2f} ms", flush=True)
     raw = aioredis.Redis.from_url(redis_url)  # benchmarks/flush.py's checks read keys as bytes
     try:
@@ -184,9 +185,10 @@ async def main_async(args: argparse.Namespace) -> int:
     flat, part = layouts
     rows = []
     for name, timing in flat.queries.items():
-        a, b = timing.p(99).median, part.queries[name].p(99).median
-        rows.append([f"{name} p99 ms", timing.p(99).show("{:.2f}"), part.queries[name].p(99).show("{:.2f}"),
-                     f"{b / a:.2f}"])
+        for pct in (50, 99):
+            a, b = timing.p(pct).median, part.queries[name].p(pct).median
+            rows.append([f"{name} p{pct} ms", timing.p(pct).show("{:.2f}"),
+                         part.queries[name].p(pct).show("{:.2f}"), f"{b / a:.2f}"])
     a_stat = benchlib.stat([run.rows_per_s for run in flat.flushes])
     b_stat = benchlib.stat([run.rows_per_s for run in part.flushes])
     rows.append([f"flush {args.flush_size:,} counters, rows/s", a_stat.show(), b_stat.show(),
