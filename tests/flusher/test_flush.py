@@ -144,7 +144,8 @@ async def test_backlog_age_reports_the_oldest_unflushed_bucket(redis_client: aio
                                                                writer: LuaWriter, keys: PipelineKeys) -> None:
     await writer.write(events(3))
     old_key = keys.daily(NOW - timedelta(days=1))
-    await redis_client.zadd(keys.dirty, {old_key: (NOW.timestamp() - 3600) * 1000})  # dirty for an hour
+    # dirty for an hour from now (not from the module's NOW, which is as old as the suite run)
+    await redis_client.zadd(keys.dirty, {old_key: (datetime.now(UTC).timestamp() - 3600) * 1000})
     await redis_client.set(keys.lock, "other", px=60_000)
     stats = await flush_pipeline(redis_client, pg, config, config.pipeline)
     assert stats.locked
