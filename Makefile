@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean image lock
+.PHONY: demo test lint bench clean image lock node-sdks
 
 # Runtime dependencies exactly as the image gets them (requirements.lock, hash-checked), then the package
 # and its test tools with the lock as constraints: pip refuses hashes in a constraints file unless every
@@ -26,10 +26,20 @@ $(STAMP): pyproject.toml requirements.lock
 		|| $(BIN)/python -m pip install -q pgserver
 	touch $(STAMP)
 
+# The npm SDKs of tests/sdk/ (@segment/analytics-node, posthog-node), from package-lock.json. Without
+# npm the Node SDK tests skip and say why (they fail in CI, where .ci/run installs npm).
+NODE_SDKS := tests/sdk/node_modules/.package-lock.json
+$(NODE_SDKS): tests/sdk/package-lock.json
+	cd tests/sdk && npm ci --no-audit --no-fund --prefer-offline --cache ../../.cache/npm
+
+node-sdks:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(NODE_SDKS); \
+	else echo "npm not found: the Node SDK tests (tests/sdk/) will be skipped"; fi
+
 demo: $(STAMP)
 	$(BIN)/analytics-pipeline demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) node-sdks
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -58,4 +68,4 @@ lock: $(STAMP)
 		--quiet --custom-compile-command 'make lock' -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis tests/sdk/node_modules

@@ -116,6 +116,11 @@ class ServerConfig:
     redis_timeout_seconds: float = limits(2.0, gt=0, le=60)
     retry_after_seconds: int = limits(1, ge=1, le=3600)
     shutdown_timeout_seconds: float = limits(20.0, gt=0, le=600)
+    # --- The probe listener (Kubernetes): a second address serving ONLY /healthz, /readyz and /metrics, so
+    # the kubelet and Prometheus reach the sidecar on the pod IP while ingest, queries and the dashboard stay
+    # on `host` (loopback). None = no second listener (outside Kubernetes; the main one serves all routes).
+    health_host: str = "0.0.0.0"
+    health_port: int | None = limits(None, ge=0, le=65535, doc="None: no probe listener; 0: any free port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,19 @@ class FlushConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryConfig:
+    """How the read endpoints keep away from ingest (docs/queries.md, "Reads never block writes")."""
+
+    # Uniques and per-user counts read per-user buckets; beyond this many of a kind at once per sidecar: 429.
+    max_concurrent: int = limits(1, ge=1, le=64, doc="uniques / per-user count queries at once, each")
+    wait_seconds: float = limits(0.25, ge=0, le=60, doc="how long a heavy query may wait for a slot")
+    retry_after_seconds: int = limits(1, ge=1, le=3600, doc="Retry-After of a refused query")
+    # Fields per HSCAN piece / HMGET of a per-user bucket: one short Redis call each (~1 ms at 1000 on a
+    # busy 2-core machine); capped so that no setting makes one call walk a big bucket.
+    scan_count: int = limits(1000, ge=10, le=10_000, doc="hash fields per HSCAN piece")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything one pipeline's components need to know (build it with :func:`parse_config`)."""
 
@@ -140,6 +158,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     flush: FlushConfig = field(default_factory=FlushConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
 
     def __post_init__(self) -> None:
         pipeline = self.pipeline if "/" in self.pipeline else f"default/{self.pipeline}"

@@ -5,8 +5,10 @@ not committed yet. Reading two stores is racy: a claim+commit between the Redis 
 PostgreSQL read would count a unit twice (spike), a commit+cleanup the other way round would lose it
 (dip). So every query is a seqlock on the pipeline's ``claim_seq``:
 
-1. one MULTI/EXEC reads ``claim_seq``, the in-flight units and the live buckets, then one pipeline the
-   units' staged buckets (as good as atomic: see ``Queries._snapshot``);
+1. Redis is read without any call that walks a whole per-user bucket (reads never block writes):
+   one MULTI/EXEC reads ``claim_seq``, the in-flight units and the small live hashes; then, outside
+   any transaction, the units' staged copies, a user's fields by HMGET and the users of per-user
+   buckets by HSCAN in bounded pieces (as good as atomic: see ``Queries._snapshot``);
 2. one REPEATABLE READ transaction reads the totals and which of those units the ledger already has
    (a unit in the ledger is in the totals, so its staged copy is skipped; otherwise it is added);
 3. ``claim_seq`` is read again: if a claim happened in between (its buckets moved out of the live
@@ -25,6 +27,7 @@ that ends before the last day with data needs a distinct count over the per-user
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -44,6 +47,7 @@ from .keys import (
     days_between,
     hour_bucket,
     hours_between,
+    parse_bucket,
     user_field,
 )
 
@@ -65,29 +69,42 @@ return 1
 """
 
 
-# Uniques of event type $2 ('' = any) from day $3 on, in one round trip: the rollup rows (schema.sql),
-# and for the Redis (user, day) pairs $4/$5 what PostgreSQL holds of them, decided by each user's last
-# day in analytics_user_last_seen (one index search per Redis user): none or before the pair's day ->
-# new that day ("redis" rows count them); that day -> already counted; after it (rare: Redis holds
-# recent days) -> returned, the caller probes the per-user rows. The "total" row counts the Redis users
-# whose last day is before $3 (or none): users not yet in the range's last_seen_users.
-_UNIQUES_SQL = """
+# Uniques of event type $2 ('' = any) from day $3 on: the rollup rows (schema.sql), one per day.
+_ROLLUP_SQL = """
+SELECT day, users, last_seen_users FROM analytics_daily_uniques WHERE pipeline = $1 AND event_type = $2 AND day >= $3
+"""
+
+# For the Redis (user, day) pairs $4/$5, what PostgreSQL holds of them, decided by each user's last day
+# in analytics_user_last_seen (one index search per Redis user): none or before the pair's day -> new
+# that day ("redis" rows count them); that day -> already counted; after it (rare: Redis holds recent
+# days) -> returned, the caller probes the per-user rows. The "total" row counts the Redis users whose
+# last day is before $3 (or none): users not yet in the range's last_seen_users. Run per chunk of
+# users (every pair of a user in the same chunk, so that chunks add up); a single day in $5 is the day
+# of every user in $4 (Redis usually holds one day: no day sent per user).
+_REDIS_PAIRS_SQL = """
 WITH pairs AS MATERIALIZED (
     SELECT r.day, r.user_id, s.last_day
-      FROM unnest($4::text[], $5::date[]) AS r(user_id, day)
+      FROM unnest({users}, CASE WHEN cardinality($5::date[]) = 1 AND cardinality({users}) > 1
+                                THEN array_fill($5[1], ARRAY[cardinality({users})]) ELSE $5::date[] END)
+           AS r(user_id, day)
       LEFT JOIN analytics_user_last_seen s
-        ON s.pipeline = $1 AND s.event_type = $2 AND s.user_id = r.user_id AND s.user_id = ANY ($4::text[])
+        ON s.pipeline = $1 AND s.event_type = $2 AND s.user_id = r.user_id AND s.user_id = ANY ({users})
 )
-SELECT 'rollup' AS kind, day, users, last_seen_users, NULL::text[] AS held_later
-  FROM analytics_daily_uniques WHERE pipeline = $1 AND event_type = $2 AND day >= $3
-UNION ALL
-SELECT 'redis', day, count(*) FILTER (WHERE last_day IS NULL OR last_day < day), 0,
-       array_agg(user_id) FILTER (WHERE last_day > day)
+SELECT 'redis' AS kind, day, count(*) FILTER (WHERE last_day IS NULL OR last_day < day) AS users,
+       array_agg(user_id) FILTER (WHERE last_day > day) AS held_later
   FROM pairs GROUP BY day
 UNION ALL
-SELECT 'total', NULL, count(DISTINCT user_id) FILTER (WHERE last_day IS NULL OR last_day < $3), 0, NULL
+SELECT 'total', NULL, count(DISTINCT user_id) FILTER (WHERE last_day IS NULL OR last_day < $3), NULL
   FROM pairs
 """
+# $4 is the users joined by US (one text: encoding 10,000 array elements cost the sidecar ~4x more;
+# user ids are printable, so US cannot be in one), split by PostgreSQL; an id holding US anyway (not
+# written by the sidecar) makes that chunk go as a text[].
+_PAIRS_JOINED_SQL = _REDIS_PAIRS_SQL.replace("{users}", "string_to_array($4::text, chr(31))")
+_PAIRS_ARRAY_SQL = _REDIS_PAIRS_SQL.replace("{users}", "$4::text[]")
+# Redis users per statement: bounds the arrays encoded in one go (the sidecar's event loop stays free
+# for ingest between chunks) and each statement's work.
+UNIQUES_CHUNK_USERS = 10_000
 
 
 class QueryInputError(ValueError):
@@ -186,7 +203,7 @@ def _text(value: bytes | str) -> str:
 class _Request:
     kind: BucketKind
     bucket: str
-    op: Literal["get", "sum", "all", "users", "usersum"]
+    op: Literal["get", "sum", "all", "keys", "users", "usersum"]
     arg: str = ""
 
 
@@ -210,9 +227,6 @@ class RedisView:
                 name = _text(reply[i])
                 merged[name] = merged.get(name, 0) + int(reply[i + 1])
         return merged
-
-    def users(self, index: int) -> set[str]:
-        return {_text(user) for reply in self.replies(index) for user in reply}
 
 
 def _as_day(value: date | datetime) -> date:
@@ -253,59 +267,118 @@ def parse_moment(parameter: str, text: str) -> date | datetime:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise QueryInputError(parameter, f"not a date (YYYY-MM-DD) or ISO 8601 datetime: {text!r}") from None
-    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00 is in the year 10000 in UTC
+        raise QueryInputError(parameter, f"out of range: {text!r} is not between 0001-01-01 and 9999-12-31 "
+                              "in UTC") from None
 
 
 def resolve_range(granularity: str, start: str | None, end: str | None,
                   now: datetime | None = None) -> tuple[date | datetime, date | datetime]:
     """Parse ``from``/``to`` texts; defaults: up to now, the last 48 hours (hour) or 30 days (day)."""
     now = now or datetime.now(UTC)
-    if granularity == "hour":
-        last: date | datetime = parse_moment("to", end) if end else now
+    try:
+        if granularity == "hour":
+            last: date | datetime = parse_moment("to", end) if end else now
+            if start:
+                return parse_moment("from", start), last
+            last_hour = last if isinstance(last, datetime) else datetime(last.year, last.month, last.day, 23,
+                                                                         tzinfo=UTC)
+            return last_hour - timedelta(hours=DEFAULT_HOURS - 1), last
+        last = parse_moment("to", end) if end else now.date()
         if start:
             return parse_moment("from", start), last
-        last_hour = last if isinstance(last, datetime) else datetime(last.year, last.month, last.day, 23, tzinfo=UTC)
-        return last_hour - timedelta(hours=DEFAULT_HOURS - 1), last
-    last = parse_moment("to", end) if end else now.date()
-    if start:
-        return parse_moment("from", start), last
-    return (last.date() if isinstance(last, datetime) else last) - timedelta(days=DEFAULT_DAYS - 1), last
+        return (last.date() if isinstance(last, datetime) else last) - timedelta(days=DEFAULT_DAYS - 1), last
+    except OverflowError:  # only the default start can overflow: parse_moment refuses the rest
+        span = f"{DEFAULT_HOURS} hours" if granularity == "hour" else f"{DEFAULT_DAYS} days"
+        raise QueryInputError("to", f"too early: the default range (the {span} up to 'to') would start "
+                              "before 0001-01-01; give 'from' as well") from None
+
+
+# Point reads of small hashes (daily/hourly buckets: one field per event type; one per-user field) go
+# into MULTI/EXEC, at most this many per transaction so that none holds Redis for more than ~1 ms.
+MULTI_COMMANDS = 1000
+_SMALL_OPS = frozenset({"get", "sum", "all", "keys"})
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _queue(pipe: Any, request: _Request, key: str) -> None:
-    """The one Redis command that answers ``request`` on ``key`` (reduced by :func:`_reduce`)."""
+    """The one Redis command that answers a small-hash ``request`` on ``key`` (reduced by :func:`_reduce`).
+
+    Only daily/hourly buckets are read whole (one field per event type); per-user buckets are read
+    by HGET/HMGET of known fields or in HSCAN pieces (:meth:`Queries._scan`), never whole.
+    """
     if request.op == "get":
         pipe.hget(key, request.arg)
     elif request.op == "sum":
         pipe.hvals(key)
-    elif request.op == "users":
+    elif request.op == "keys":
         pipe.hkeys(key)
-    else:  # all, usersum
+    elif request.op == "all":
         pipe.hgetall(key)
+    else:
+        raise ValueError(f"{request.op!r} is not a small-hash read")
 
 
 def _reduce(request: _Request, reply: Any) -> Any:
-    """A raw reply as :class:`RedisView` reads it: a number, flat field/count pairs, or user ids."""
+    """A raw reply as :class:`RedisView` reads it: a number, flat field/count pairs, or names."""
     op = request.op
     if op == "get":
         return int(reply or 0)
     if op == "sum":
         return sum(int(value) for value in reply)
+    if op == "keys":
+        return [_text(name) for name in reply]
     if op == "all":
         return [item for pair in reply.items() for item in pair]
-    separator = USER_FIELD_SEPARATOR
-    if op == "users":
-        wanted = request.arg
-        users: dict[str, None] = {}  # distinct, in field order
-        for field in reply:
-            event_type, found, user = _text(field).partition(separator)
-            if found and (not wanted or event_type == wanted):
-                users[user] = None
-        return list(users)
-    if op == "usersum":
-        return sum(int(count) for field, count in reply.items()
-                   if _text(field).partition(separator)[2] == request.arg)
     raise ValueError(f"unknown snapshot op {op!r}")
+
+
+@dataclass
+class _Scan:
+    """One per-user bucket (live or staged) read in HSCAN pieces; ``found`` merges the pieces (a piece
+    may repeat a field: merging by name counts it once)."""
+
+    request: _Request
+    key: str
+    slot: list[Any]
+    index: int
+    cursor: int = 0
+    found: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def match(self) -> str | None:
+        if self.request.op == "users":
+            return _glob_escape(self.request.arg) + USER_FIELD_SEPARATOR + "*" if self.request.arg else None
+        return "*" + USER_FIELD_SEPARATOR + _glob_escape(self.request.arg)  # usersum
+
+    def add(self, piece: dict[Any, Any]) -> None:
+        """Merge one HSCAN piece (done per piece: no pass over the whole bucket at the end)."""
+        if piece and isinstance(next(iter(piece)), bytes):  # a client without decode_responses
+            piece = {name.decode(): count for name, count in piece.items()}
+        separator, wanted = USER_FIELD_SEPARATOR, self.request.arg
+        if self.request.op == "users":  # found: user -> None, distinct, in field order
+            if wanted:  # MATCH let through only fields starting with the event type and US
+                prefix = wanted + separator
+                cut = len(prefix)
+                self.found.update(dict.fromkeys([name[cut:] for name in piece if name.startswith(prefix)]))
+            else:
+                self.found.update(dict.fromkeys([name.partition(separator)[2] for name in piece
+                                                 if separator in name]))
+        else:  # usersum: found: the user's fields -> count (MATCH let through only the user's fields)
+            for name, count in piece.items():
+                if name.partition(separator)[2] == wanted:
+                    self.found[name] = count
+
+    def result(self) -> Any:
+        if self.request.op == "users":
+            return list(self.found)
+        return sum(int(count) for count in self.found.values())
 
 
 class Queries:
@@ -313,11 +386,16 @@ class Queries:
 
     ``redis_days`` bounds how far back :meth:`event_types` looks for unflushed daily buckets when no
     start is given (live buckets cannot outlive the counter TTL; see :meth:`for_config`).
-    ``after_snapshot`` is a test hook run between the Redis snapshot and the PostgreSQL read.
+    ``scan_count`` is the COUNT of each HSCAN piece of a per-user bucket. ``types_from_daily``: a
+    user's counts over all event types are HMGET of ``event_type US user_id`` for the event types the
+    daily buckets and rows know (needs the ``daily`` granularity on; else the user's fields are
+    found with HSCAN MATCH in bounded pieces). ``after_snapshot`` is a test hook run between the
+    Redis snapshot and the PostgreSQL read.
     """
 
     def __init__(self, client: aioredis.Redis, db: asyncpg.Pool | asyncpg.Connection, pipeline: str, *,
                  redis_days: int = 16, max_retries: int = 3, max_holds: int = 3, hold_ms: int = 2000,
+                 scan_count: int = 1000, types_from_daily: bool = True,
                  after_snapshot: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.client = client
         self.db = db
@@ -326,6 +404,8 @@ class Queries:
         self.max_retries = max_retries
         self.max_holds = max_holds
         self.hold_ms = hold_ms
+        self.scan_count = scan_count
+        self.types_from_daily = types_from_daily
         self.after_snapshot = after_snapshot
         self.retries = 0  # lost seqlock races so far (observability and tests)
         self.holds = 0  # times claims were parked
@@ -336,6 +416,8 @@ class Queries:
                    **options: Any) -> Queries:
         """Queries of ``config.pipeline``, looking back far enough for any live bucket (2 x TTL + 2 days)."""
         ttl_days = -(-config.counters.ttl_seconds // 86400)
+        options = {"scan_count": config.queries.scan_count,
+                   "types_from_daily": "daily" in config.counters.granularities, **options}
         return cls(client, db, config.pipeline, redis_days=2 * ttl_days + 2, **options)
 
     # public API ---------------------------------------------------------------------------------
@@ -390,13 +472,12 @@ class Queries:
         today = datetime.now(UTC).date()
         first = _as_day(start) if start is not None else None
         last = _as_day(end) if end is not None else None
-        if first is not None and last is not None:
-            _check_range(first, last, (last - first).days + 1)
-        redis_first = first or today - timedelta(days=self.redis_days)
-        redis_last = last or today + timedelta(days=1)
+        if first is not None and last is not None and last < first:
+            raise QueryInputError("to", "must not be before 'from'")
+        # live buckets cannot be older than redis_days (nor from after tomorrow): any range is fine
+        redis_first = max(first or date.min, today - timedelta(days=self.redis_days))
+        redis_last = min(last or date.max, today + timedelta(days=1))
         days = days_between(redis_first, redis_last) if redis_last >= redis_first else []
-        if len(days) > MAX_BUCKETS:
-            raise QueryInputError("from", f"range too long: {len(days)} days (at most {MAX_BUCKETS})")
         requests = [_Request("d", day_bucket(d), "all") for d in days]
 
         async def from_postgres(conn: asyncpg.Connection, view: RedisView) -> list[EventTotal]:
@@ -416,7 +497,7 @@ class Queries:
     async def dashboard_snapshot(self, now: datetime | None = None, hours: int = 48,
                                  days: int = 30) -> DashboardSnapshot:
         """Hourly counts per event type (last ``hours``), daily per event type and daily uniques (last
-        ``days``) from one consistent snapshot: one Lua call, one PostgreSQL transaction."""
+        ``days``) from one consistent snapshot: one Redis snapshot, one PostgreSQL transaction."""
         if not 1 <= hours <= MAX_BUCKETS:
             raise QueryInputError("hours", f"must be 1..{MAX_BUCKETS}")
         if not 1 <= days <= MAX_BUCKETS:
@@ -477,30 +558,34 @@ class Queries:
     async def _stored_uniques(self, conn: asyncpg.Connection, days: list[date], event: str | None,
                               view: RedisView, offset: int) -> tuple[dict[date, int], int]:
         """Distinct users per day and over all ``days`` (of ``event`` or any event type): PostgreSQL's
-        rollups plus the Redis users of ``view`` PostgreSQL does not hold yet (see ``_UNIQUES_SQL``)."""
-        pipeline, first, last = self.keys.pipeline, days[0], days[-1]
-        pair_users: list[str] = []
-        pair_days: list[date] = []
-        for i, day in enumerate(days):
-            users = view.users(offset + i)
-            pair_users += users
-            pair_days += [day] * len(users)
+        rollups plus the Redis users of ``view`` PostgreSQL does not hold yet (see ``_REDIS_PAIRS_SQL``)."""
+        pipeline, first, last, event_type = self.keys.pipeline, days[0], days[-1], event or ANY_EVENT
+        chunks = await self._redis_user_chunks(days, view, offset)
         per_day: dict[date, int] = {}
         in_range = redis_total = 0
         seen_later = False
         later: list[tuple[date, str]] = []
-        for kind, day, users, last_seen_users, held_later in await conn.fetch(
-                _UNIQUES_SQL, pipeline, event or ANY_EVENT, first, pair_users, pair_days):
-            if kind == "rollup" and day > last:
+        for day, users, last_seen_users in await conn.fetch(_ROLLUP_SQL, pipeline, event_type, first):
+            if day > last:
                 seen_later = seen_later or last_seen_users != 0
-            elif kind == "rollup":
+            else:
                 per_day[day] = per_day.get(day, 0) + users
                 in_range += last_seen_users
-            elif kind == "redis":
-                per_day[day] = per_day.get(day, 0) + users
-                later += [(day, user) for user in held_later or ()]
+        redis_users: list[str] = []
+        for pair_users, pair_days in chunks:
+            redis_users += pair_users
+            joined = USER_FIELD_SEPARATOR.join(pair_users)
+            if joined.count(USER_FIELD_SEPARATOR) == len(pair_users) - 1:
+                statement, users_arg = _PAIRS_JOINED_SQL, joined
             else:
-                redis_total = users
+                statement, users_arg = _PAIRS_ARRAY_SQL, pair_users
+            for kind, day, users, held_later in await conn.fetch(
+                    statement, pipeline, event_type, first, users_arg, pair_days):
+                if kind == "redis":
+                    per_day[day] = per_day.get(day, 0) + users
+                    later += [(day, user) for user in held_later or ()]
+                else:
+                    redis_total += users
         if later:  # Redis (day, user) whose last day in PostgreSQL is after that day: one probe each
             for row in await conn.fetch(
                     "SELECT r.day, count(*) AS n FROM unnest($2::date[], $3::text[]) AS r(day, user_id)"
@@ -516,8 +601,44 @@ class Queries:
             " SELECT user_id FROM analytics_user_daily WHERE pipeline = $1 AND day >= $2 AND day <= $3"
             " AND ($4::text IS NULL OR event_type = $4)"
             " UNION ALL SELECT unnest($5::text[])) AS u",
-            pipeline, first, last, event, pair_users)
+            pipeline, first, last, event, redis_users)
         return per_day, int(total)
+
+    @staticmethod
+    async def _redis_user_chunks(days: list[date], view: RedisView,
+                                 offset: int) -> list[tuple[list[str], list[date]]]:
+        """The Redis (user, day) pairs of ``days`` in chunks of about ``UNIQUES_CHUNK_USERS`` users, every
+        pair of one user in the same chunk (so the chunks' distinct totals add up); a chunk whose pairs
+        are all of one day carries that day once (``_REDIS_PAIRS_SQL`` spreads it)."""
+        per_day: list[tuple[date, list[str]]] = []
+        for i, day in enumerate(days):
+            replies = [reply for reply in view.replies(offset + i) if reply]
+            if len(replies) > 1:  # live and staged copies may hold the same user
+                replies = [list(dict.fromkeys(user for reply in replies for user in reply))]
+            if replies:
+                per_day.append((day, replies[0]))
+            await asyncio.sleep(0)  # let ingest run between days of a big range
+        size = UNIQUES_CHUNK_USERS
+        if len(per_day) == 1:  # the usual case: Redis holds users of one day (today)
+            day, users = per_day[0]
+            return [(users[start:start + size], [day]) for start in range(0, len(users), size)]
+        days_of: dict[str, list[date]] = {}  # Redis user -> the days Redis holds them
+        for day, users in per_day:
+            for start in range(0, len(users), size):
+                for user in users[start:start + size]:
+                    days_of.setdefault(user, []).append(day)
+                await asyncio.sleep(0)
+        chunks: list[tuple[list[str], list[date]]] = []
+        all_users = list(days_of)
+        for start in range(0, len(all_users), size):
+            pair_users: list[str] = []
+            pair_days: list[date] = []
+            for user in all_users[start:start + size]:
+                user_days = days_of[user]
+                pair_users += [user] * len(user_days)
+                pair_days += user_days
+            chunks.append((pair_users, pair_days))
+        return chunks
 
     @staticmethod
     def _grid(rows: Sequence[asyncpg.Record], buckets: Sequence[date | datetime],
@@ -540,34 +661,152 @@ class Queries:
         else:
             yield self.db
 
-    async def _snapshot(self, requests: list[_Request]) -> tuple[bytes | str, list[Any], dict[str, list[Any]]]:
+    async def _snapshot(self, conn: asyncpg.Connection,
+                        requests: list[_Request]) -> tuple[bytes | str, list[Any], dict[str, list[Any]]]:
         """``claim_seq``, the requests' replies on the live buckets, and per in-flight unit on its staged copies.
 
-        Two round trips, no Lua (moving 20,000 per-user fields into a script cost 11 ms, as raw
-        replies 4): claim_seq, the in-flight units and the live buckets in ONE MULTI/EXEC, then the
-        units' staging keys. That is as good as one atomic read: no claim may happen in between (the
-        seqlock retries if claim_seq moved), and a unit's staging keys never change once claimed and
-        are deleted only after its ledger row is committed — then the PostgreSQL snapshot, taken after
-        this, sees the ledger row and skips the unit whatever was read of it.
+        No Redis call does work proportional to the users of a bucket (docs/queries.md, "Reads never
+        block writes"): small hashes (daily/hourly buckets, single per-user fields) are read in
+        MULTI/EXEC with claim_seq and the in-flight units; a user's counts are HMGET of the fields
+        ``event_type US user_id`` of the known event types; the users of a per-user bucket come from
+        HSCAN in pieces of ``scan_count``. That is as good as one atomic read, because between the
+        first read of claim_seq and its check after the PostgreSQL read (the seqlock) no claim
+        happened: live buckets only grew (every count acknowledged before the query is seen, none
+        that was not sent), no unit appeared, and a listed unit's staging keys never change and are
+        deleted only after its ledger row is committed — which the PostgreSQL snapshot, taken after
+        every read here, then sees (the unit is skipped whatever was read of it).
         """
         live_keys = [self.keys.bucket(r.kind, r.bucket) for r in requests]
-        async with self.client.pipeline(transaction=True) as multi:
-            multi.get(self.keys.claim_seq)
-            multi.zrange(self.keys.inflight, 0, -1)
-            for request, key in zip(requests, live_keys, strict=True):
-                _queue(multi, request, key)
-            seq, units, *live = await multi.execute()
-        staged: dict[str, list[Any]] = {}
-        if units:
+        small = [i for i, r in enumerate(requests) if r.op in _SMALL_OPS]
+        lookups = [i for i, r in enumerate(requests) if r.op == "usersum" and self.types_from_daily]
+        scans = [i for i, r in enumerate(requests)
+                 if r.op == "users" or (r.op == "usersum" and not self.types_from_daily)]
+        # the event types a user's fields may have: every event type of those days' daily buckets
+        type_days = sorted({requests[i].bucket for i in lookups})
+        type_requests = [_Request("d", day, "keys") for day in type_days]
+        reads = [(requests[i], live_keys[i]) for i in small]
+        reads += [(r, self.keys.bucket("d", r.bucket)) for r in type_requests]
+
+        seq, units, replies = await self._small_reads(reads)
+        live: list[Any] = [None] * len(requests)
+        staged: dict[str, list[Any]] = {unit: [None] * len(requests) for unit in units}
+        types: set[str] = set()
+        for (request, _), reply in zip(reads, replies, strict=True):
+            if request.op == "keys":
+                types.update(_reduce(request, reply))
+        for i, reply in zip(small, replies[:len(small)], strict=True):
+            live[i] = _reduce(requests[i], reply)
+        scanning = [_Scan(requests[i], key, slot, i)
+                    for i in scans
+                    for key, slot in [(live_keys[i], live),
+                                      *((self.keys.staging(u, live_keys[i]), staged[u]) for u in units)]]
+        if (units and reads) or scanning:
+            # one round trip: the same small reads of every listed unit's staging keys, and the first
+            # HSCAN piece of every per-user bucket (a small bucket is then read whole, as one piece)
             async with self.client.pipeline(transaction=False) as pipe:
                 for unit in units:
-                    for request, key in zip(requests, live_keys, strict=True):
-                        _queue(pipe, request, self.keys.staging(_text(unit), key))
-                replies = await pipe.execute()
+                    for request, key in reads:
+                        _queue(pipe, request, self.keys.staging(unit, key))
+                for scan in scanning:
+                    pipe.hscan(scan.key, 0, match=scan.match, count=self.scan_count)
+                answers = await pipe.execute()
+            unit_replies, first_pieces = answers[:len(units) * len(reads)], answers[len(units) * len(reads):]
+            for scan, (cursor, piece) in zip(scanning, first_pieces, strict=True):
+                scan.cursor = int(cursor)
+                scan.add(piece)
             for n, unit in enumerate(units):
-                part = replies[n * len(requests):(n + 1) * len(requests)]
-                staged[_text(unit)] = [_reduce(r, reply) for r, reply in zip(requests, part, strict=True)]
-        return seq or "0", [_reduce(r, reply) for r, reply in zip(requests, live, strict=True)], staged
+                part = unit_replies[n * len(reads):(n + 1) * len(reads)]
+                for (request, _), reply in zip(reads, part, strict=True):
+                    if request.op == "keys":
+                        types.update(_reduce(request, reply))
+                for i, reply in zip(small, part[:len(small)], strict=True):
+                    staged[unit][i] = _reduce(requests[i], reply)
+        if lookups:
+            # ... and of their committed daily rows: a unit may have moved them to PostgreSQL while the
+            # per-user bucket of the same writes is still live or staged (read after the staged keys:
+            # a unit cleaned up before that had committed before it)
+            types.update(row["event_type"] for row in await conn.fetch(
+                "SELECT DISTINCT event_type FROM analytics_daily WHERE pipeline = $1 AND day = ANY($2::date[])",
+                self.keys.pipeline, [parse_bucket("d", day).date() for day in type_days]))
+            await self._lookups(requests, lookups, live_keys, sorted(types), live, staged)
+        await self._scan([scan for scan in scanning if scan.cursor != 0])
+        for scan in scanning:
+            scan.slot[scan.index] = scan.result()
+        return seq or "0", live, staged
+
+    async def _small_reads(self, reads: list[tuple[_Request, str]]) -> tuple[bytes | str, list[str], list[Any]]:
+        """claim_seq, the in-flight units and ``reads`` on small hashes, in MULTI/EXEC of at most
+        ``MULTI_COMMANDS`` reads each (the first one with claim_seq and the units)."""
+        replies: list[Any] = []
+        seq: bytes | str = "0"
+        units: list[str] = []
+        for start in range(0, max(len(reads), 1), MULTI_COMMANDS):
+            async with self.client.pipeline(transaction=True) as multi:
+                if start == 0:
+                    multi.get(self.keys.claim_seq)
+                    multi.zrange(self.keys.inflight, 0, -1)
+                for request, key in reads[start:start + MULTI_COMMANDS]:
+                    _queue(multi, request, key)
+                answer = await multi.execute()
+            if start == 0:
+                seq, raw_units, *answer = answer
+                units = [_text(unit) for unit in raw_units]
+            replies += answer
+        return seq or "0", units, replies
+
+    async def _lookups(self, requests: list[_Request], lookups: list[int], live_keys: list[str],
+                       types: list[str], live: list[Any], staged: dict[str, list[Any]]) -> None:
+        """A user's counts over all event types: HMGET of ``event_type US user_id`` for each known event
+        type, at most ``scan_count`` fields per call, on the live bucket and every staged copy."""
+        for i in lookups:
+            live[i] = 0
+            for slot in staged.values():
+                slot[i] = 0
+        if not types:
+            return
+        owners: list[tuple[list[Any], int]] = []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in lookups:
+                fields = [user_field(event_type, requests[i].arg) for event_type in types]
+                for key, slot in [(live_keys[i], live),
+                                  *((self.keys.staging(u, live_keys[i]), s) for u, s in staged.items())]:
+                    for start in range(0, len(fields), self.scan_count):
+                        pipe.hmget(key, fields[start:start + self.scan_count])
+                        owners.append((slot, i))
+            replies = await pipe.execute()
+        for (slot, i), values in zip(owners, replies, strict=True):
+            slot[i] += sum(int(value) for value in values if value is not None)
+
+    async def _scan(self, scans: list[_Scan]) -> None:
+        """Continue reading per-user buckets in HSCAN pieces of ``scan_count`` fields (one piece of every
+        unfinished bucket per round trip) until every cursor is back to 0."""
+        active = scans
+        while active:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for scan in active:
+                    pipe.hscan(scan.key, scan.cursor, match=scan.match, count=self.scan_count)
+                pieces = await pipe.execute()
+            for scan, (cursor, piece) in zip(active, pieces, strict=True):
+                scan.cursor = int(cursor)
+                scan.add(piece)
+            active = [scan for scan in active if scan.cursor != 0]
+
+    async def _read_postgres(self, conn: asyncpg.Connection, live: list[Any], units: dict[str, list[Any]],
+                             read: Callable[[asyncpg.Connection, RedisView], Awaitable[T]]) -> T:
+        """``read`` in one REPEATABLE READ snapshot, with the staged copies of units not yet in the ledger."""
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            # asyncpg prepares these statements once per connection, and PostgreSQL switches a
+            # prepared statement to a generic plan after 5 runs: with "$4 IS NULL OR event_type
+            # = $4" and unknown ranges that plan made uniques 4-8x slower (benchmarks/query.py).
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            committed: set[str] = set()
+            if units:
+                rows = await conn.fetch(
+                    "SELECT unit_id FROM analytics_flush_ledger WHERE pipeline = $1 AND unit_id = ANY($2)",
+                    self.keys.pipeline, list(units))
+                committed = {row["unit_id"] for row in rows}
+            view = RedisView(live, [r for unit, r in units.items() if unit not in committed])
+            return await read(conn, view)
 
     async def _hold(self, hold_ms: int) -> str:
         token = uuid.uuid4().hex
@@ -583,23 +822,11 @@ class Queries:
             if attempt >= self.max_retries:
                 token = await self._hold(self.hold_ms << (attempt - self.max_retries))
             try:
-                seq, live, units = await self._snapshot(requests)
-                if self.after_snapshot is not None:
-                    await self.after_snapshot(attempt)
-                async with self._connection() as conn, conn.transaction(isolation="repeatable_read",
-                                                                        readonly=True):
-                    # asyncpg prepares these statements once per connection, and PostgreSQL switches a
-                    # prepared statement to a generic plan after 5 runs: with "$4 IS NULL OR event_type
-                    # = $4" and unknown ranges that plan made uniques 4-8x slower (benchmarks/query.py).
-                    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-                    committed: set[str] = set()
-                    if units:
-                        rows = await conn.fetch(
-                            "SELECT unit_id FROM analytics_flush_ledger WHERE pipeline = $1 AND unit_id = ANY($2)",
-                            self.keys.pipeline, list(units))
-                        committed = {row["unit_id"] for row in rows}
-                    view = RedisView(live, [r for unit, r in units.items() if unit not in committed])
-                    result = await read(conn, view)
+                async with self._connection() as conn:
+                    seq, live, units = await self._snapshot(conn, requests)
+                    if self.after_snapshot is not None:
+                        await self.after_snapshot(attempt)
+                    result = await self._read_postgres(conn, live, units, read)
                 if _text(await self.client.get(self.keys.claim_seq) or "0") == _text(seq):
                     return result
                 self.retries += 1

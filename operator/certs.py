@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+from aiohttp import web
+
+from . import review
 
 logger = logging.getLogger("analytics_pipeline.operator")
 
@@ -95,7 +99,16 @@ class CertificateReloader:
 
 
 class ReloadingWebhookServer(kopf.WebhookServer):
-    """kopf's webhook server on our certificate files, with the certificate swapped live on renewal."""
+    """kopf's webhook server on our certificate files, with the certificate swapped live on renewal, and every
+    review's envelope checked first (:mod:`.review`: a malformed one gets a 400 AdmissionReview error)."""
+
+    @staticmethod
+    async def _serve(fn: kopf.WebhookFn, request: web.Request) -> web.Response:
+        try:  # kopf answers a body that is not JSON with a bare 400; the API server deserves an AdmissionReview
+            json.loads(await request.text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise review.bad_request("", f"the body is not JSON: {error}") from None
+        return await kopf.WebhookServer._serve(fn, request)
 
     def __init__(self, *, addr: str | None, port: int, certfile: Path, keyfile: Path,
                  reload_seconds: float = 10.0, **kwargs: Any) -> None:
@@ -109,26 +122,9 @@ class ReloadingWebhookServer(kopf.WebhookServer):
         try:
             # kopf enters the server as an async context manager, whose exit closes kopf's own generator
             # (and so the listening socket) deterministically.
-            async for client_config in super().__call__(with_request_namespace(fn)):
+            async for client_config in super().__call__(review.strict(fn)):
                 yield client_config
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-
-
-def with_request_namespace(fn: kopf.WebhookFn) -> kopf.WebhookFn:
-    """Give the reviewed object its namespace from ``request.namespace`` when it has none (API servers
-    before 1.22 could send namespaced objects without it), so handlers always know the pod's namespace."""
-
-    async def wrapped(request: Any, **kwargs: Any) -> Any:
-        payload = request.get("request") if isinstance(request, dict) else None
-        if isinstance(payload, dict) and payload.get("namespace"):
-            obj = payload.get("object")
-            if isinstance(obj, dict):
-                meta = obj.setdefault("metadata", {})
-                if isinstance(meta, dict) and not meta.get("namespace"):
-                    meta["namespace"] = payload["namespace"]
-        return await fn(request, **kwargs)
-
-    return wrapped  # type: ignore[return-value]

@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-image", default=os.environ.get(ENV_DEFAULT_IMAGE)
                         or f"analytics-pipeline:{__version__}", metavar="IMAGE",
                         help=f"image for the flusher/sidecar when a spec sets none (default: ${ENV_DEFAULT_IMAGE})")
+    parser.add_argument("--allowed-image", action="append", default=[], metavar="IMAGE",
+                        help="an image a pipeline's spec may name besides the default (repeatable): an exact "
+                             "reference, or a prefix ending in '/' (a registry or repository path), ':' (any tag of "
+                             "a repository) or '@' (any digest); without any, specs that name another image get "
+                             "Ready=False, reason ImageNotAllowed")
     hook = parser.add_argument_group("sidecar injection webhook")
     hook.add_argument("--webhook-port", type=int, default=0, metavar="PORT",
                       help=f"serve the webhook (HTTPS, path /{crd.WEBHOOK_PATH}) on this port; 0 = off (default)")
@@ -74,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     injection = webhook_options(args)
     if args.metrics_port:
         start_http_server(args.metrics_port)
-    context = OperatorContext(api=KubeApi(), default_image=args.default_image)
+    context = OperatorContext(api=KubeApi(), default_image=args.default_image,
+                              allowed_images=tuple(image for image in args.allowed_image if image))
     kopf.run(
         registry=build_registry(resync_seconds=args.resync_seconds, injection=injection),
         standalone=args.standalone,

@@ -92,6 +92,8 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True,
         outcome = await reconcile(ctx, namespace, name, why=f"AnalyticsPipeline {reason}")
         if outcome is not None and outcome.retry:
             raise kopf.TemporaryError(outcome.message, delay=RETRY_DELAY_SECONDS)
+        if outcome is not None and reason != "update":  # created or resumed: INJECTED is filled now, not in a minute
+            await count_injected_pods(ctx, namespace, name, {})
 
     @kopf.timer(*pipelines, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
     async def resync(namespace: str, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
@@ -101,15 +103,19 @@ def build_registry(*, resync_seconds: float = 60.0, watch_children: bool = True,
             if memo.ctx.api.closed:  # kopf may fire a timer while it shuts down
                 return
             logger.warning("%s/%s: resync failed: %s", namespace, name, error)
-        if injection is not None and injection.count_pods:
-            try:
-                await webhook.update_injected_pods(memo.ctx.api, namespace, name, status)
-            except KubeApiError as error:
-                if memo.ctx.api.closed:
-                    return
-                logger.warning("%s/%s: could not count the pods carrying its sidecar (status.injectedPods): %s; "
-                               "the operator needs 'list' on pods, or run it with --no-count-injected-pods",
-                               namespace, name, error)
+        await count_injected_pods(memo.ctx, namespace, name, status)
+
+    async def count_injected_pods(ctx: OperatorContext, namespace: str, name: str,
+                                  status: Mapping[str, Any]) -> None:
+        """``status.injectedPods`` (when the webhook counts pods); failures are logged, the next tick retries."""
+        if injection is None or not injection.count_pods:
+            return
+        try:
+            await webhook.update_injected_pods(ctx.api, namespace, name, status)
+        except KubeApiError as error:
+            if ctx.api.closed:
+                return
+            logger.warning("%s/%s: %s", namespace, name, webhook.count_failure_message(error))
 
     if injection is not None:
         webhook.register(registry, injection)

@@ -10,7 +10,7 @@ container itself comes from :func:`.render.render_sidecar_container`, the same f
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -94,7 +94,7 @@ def port_owner(pod_spec: Mapping[str, Any], port: int) -> str | None:
 
 
 def plan(pod: Mapping[str, Any], pipeline: Mapping[str, Any] | None, *, default_image: str,
-         mode: str = NATIVE) -> Plan:
+         mode: str = NATIVE, allowed_images: Sequence[str] = ()) -> Plan:
     """Decide what to do with ``pod`` (labelled for ``pipeline``, None if no such pipeline exists).
 
     Injection only ever appends: the sidecar to ``initContainers`` (native) or ``containers``, and the
@@ -121,16 +121,19 @@ def plan(pod: Mapping[str, Any], pipeline: Mapping[str, Any] | None, *, default_
                     "Re-create the pod once `kubectl get ap` shows it Ready")
     volume = free_volume_name(spec)
     try:
-        container = render.render_sidecar_container(name, pipeline.get("spec") or {}, default_image,
-                                                    volume_name=volume)
+        pipeline_spec = pipeline.get("spec") or {}
+        container = render.render_sidecar_container(name, pipeline_spec, default_image,
+                                                    allowed_images=allowed_images, volume_name=volume)
+        ports = render.sidecar_ports(pipeline_spec)
     except render.InvalidSpec as error:
         return Plan(Result.INVALID_SPEC, f"{who} was not injected: AnalyticsPipeline {namespace}/{name}: {error}")
-    port = container["ports"][0]["containerPort"]
-    owner = port_owner(spec, port)
-    if owner is not None:
-        return Plan(Result.PORT_CONFLICT,
-                    f"{who} was not injected: its container {owner} already uses port {port}, the sidecar's port; "
-                    f"set spec.sidecar.port of AnalyticsPipeline {namespace}/{name} to a free port")
+    for port, field_name in zip(ports, ("port", "healthPort"), strict=True):
+        owner = port_owner(spec, port)  # the ingest port counts even on loopback: one network namespace
+        if owner is not None:
+            return Plan(Result.PORT_CONFLICT,
+                        f"{who} was not injected: its container {owner} already uses port {port}, the sidecar's "
+                        f"{field_name}; set spec.sidecar.{field_name} of AnalyticsPipeline {namespace}/{name} to a "
+                        "free port")
     if mode == NATIVE:
         target, container = "initContainers", {**container, "restartPolicy": "Always"}
     else:

@@ -30,11 +30,13 @@ CONDITION_TYPES = (READY, CONFIGMAP_READY, CRONJOB_READY)
 
 @dataclass
 class OperatorContext:
-    """What every handler shares (kept in kopf's memo): the API client, the default image, per-object locks,
-    and the poster of Events that kopf cannot post for us (the webhook's)."""
+    """What every handler shares (kept in kopf's memo): the API client, the default image and the other images
+    the admin allows (a pipeline's spec may name only those), per-object locks, and the poster of Events that
+    kopf cannot post for us (the webhook's)."""
 
     api: KubeApi
     default_image: str
+    allowed_images: tuple[str, ...] = ()
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     events: EventPoster = field(init=False)
 
@@ -213,9 +215,9 @@ def _invalid_status(error: render.InvalidSpec, generation: int | None, previous:
     stale = "not updated: the spec is invalid (see the Ready condition)"
     status: dict[str, Any] = {
         "observedGeneration": generation,
-        "conditions": [condition(READY, False, "InvalidSpec", message, generation, previous),
-                       condition(CONFIGMAP_READY, False, "InvalidSpec", stale, generation, previous),
-                       condition(CRONJOB_READY, False, "InvalidSpec", stale, generation, previous)],
+        "conditions": [condition(READY, False, error.reason, message, generation, previous),
+                       condition(CONFIGMAP_READY, False, error.reason, stale, generation, previous),
+                       condition(CRONJOB_READY, False, error.reason, stale, generation, previous)],
     }
     for key in ("schedule", "configMapName", "cronJobName", "lastFlush"):
         if key in old_status:
@@ -244,15 +246,16 @@ async def _reconcile_body(ctx: OperatorContext, body: dict[str, Any], why: str) 
     spec = body.get("spec") or {}
 
     try:
-        desired = render.desired_state(namespace, name, spec, default_image=ctx.default_image)
+        desired = render.desired_state(namespace, name, spec, default_image=ctx.default_image,
+                                       allowed_images=ctx.allowed_images)
     except render.InvalidSpec as error:
         status = _invalid_status(error, generation, previous, old_status)
         ready = status["conditions"][0]
-        if old_ready.get("reason") != "InvalidSpec" or old_ready.get("message") != ready["message"]:
-            kopf.warn(body, reason="InvalidSpec", message=ready["message"])
+        if old_ready.get("reason") != error.reason or old_ready.get("message") != ready["message"]:
+            kopf.warn(body, reason=error.reason, message=ready["message"])
             logger.warning("%s/%s: invalid spec (%s): %s", namespace, name, why, error)
         await _write_status(ctx.api, body, status)
-        return Outcome(False, "InvalidSpec", ready["message"])
+        return Outcome(False, error.reason, ready["message"])
 
     # Drift = the spec did not change since the last good reconciliation, yet a child differs.
     settled = old_status.get("observedGeneration") == generation and old_ready.get("status") == "True"
@@ -298,6 +301,12 @@ async def _reconcile_body(ctx: OperatorContext, body: dict[str, Any], why: str) 
     else:
         reason = next(item["reason"] for item in conditions if item["status"] != "True")
         message = "; ".join(item["message"] for item in conditions if item["status"] != "True")
+    if desired.warnings:  # Ready, but weaker than the default posture: say so where `kubectl get ap -o wide` looks
+        message = f"{message}. Warning: {'; '.join(text for _, text in desired.warnings)}"
+        if old_ready.get("message") != message:
+            for event_reason, text in desired.warnings:
+                kopf.warn(body, reason=event_reason, message=text)
+            logger.warning("%s/%s: %s", namespace, name, "; ".join(text for _, text in desired.warnings))
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "schedule": desired.schedule,

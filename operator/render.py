@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import yaml
 
 from analytics_pipeline.core.config import UNCOUNTED_EVENTS, Config, ConfigError, parse_config
+from analytics_pipeline.core.net import LOOPBACK, is_loopback
 
 from . import crd
 
@@ -30,7 +32,9 @@ DEFAULT_INTERVAL = "5m"
 
 DEFAULTS: dict[str, Any] = {
     "redis": {"secretRef": {"name": None, "key": "redis-url"}},
-    "postgres": {"secretRef": {"name": None, "key": "database-url"}},
+    # readSecretRef: a read-only role's connection string for the sidecar (the flusher keeps secretRef's).
+    "postgres": {"secretRef": {"name": None, "key": "database-url"},
+                 "readSecretRef": {"name": None, "key": "database-read-url"}},
     "counters": {"ttlSeconds": 7 * 86400, "granularities": ["daily", "hourly", "user_daily"]},
     "ingest": {
         "maxEventBytes": 32 * 1024,
@@ -49,8 +53,10 @@ DEFAULTS: dict[str, Any] = {
     "sidecar": {
         "image": None,  # None: the operator's --default-image
         "imagePullPolicy": "IfNotPresent",
-        "host": "0.0.0.0",
+        "host": LOOPBACK,
+        "exposeIngest": False,  # host is used beyond loopback only when this is true
         "port": 8787,
+        "healthPort": 8788,
         "resources": DEFAULT_SIDECAR_RESOURCES,
     },
     "flusher": {
@@ -80,8 +86,8 @@ CONFIG_FIELDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("ingest", "dedupWindowSeconds"): ("ingest", "dedup_window_seconds"),
     ("ingest", "allOrNothing"): ("ingest", "all_or_nothing"),
     ("ingest", "uncountedEvents"): ("ingest", "uncounted_events"),
-    ("sidecar", "host"): ("server", "host"),
     ("sidecar", "port"): ("server", "port"),
+    ("sidecar", "healthPort"): ("server", "health_port"),
     ("flush", "batchSize"): ("flush", "batch_size"),
     ("flush", "retentionDays"): ("flush", "retention_days"),
 }
@@ -94,7 +100,11 @@ INT_RANGES: dict[tuple[str, ...], tuple[int, int]] = {
     ("flusher", "successfulJobsHistoryLimit"): (0, 100),
     ("flusher", "failedJobsHistoryLimit"): (0, 100),
     ("sidecar", "port"): (1, 65535),  # Config allows 0 (any free port): useless behind a probe
+    ("sidecar", "healthPort"): (1, 65535),
 }
+
+# The sidecar's probe listener: the kubelet's probes and Prometheus reach it on the pod IP (ingest stays on loopback).
+HEALTH_PORT_NAME = "analytics-ops"
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
@@ -108,11 +118,20 @@ _SUFFIX = {"": 1, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9,
 
 
 class InvalidSpec(ValueError):
-    """The spec cannot be turned into objects; ``field`` is the spec path, the message says how to fix it."""
+    """The spec cannot be turned into objects; ``field`` is the spec path, the message says how to fix it.
+    ``reason`` is the Ready condition's reason (and the Event's)."""
+
+    reason = "InvalidSpec"
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"spec.{field}: {message}")
         self.field = field
+
+
+class ImageNotAllowed(InvalidSpec):
+    """The spec names an image the operator's admin did not allow (a pipeline's author must not pick what runs)."""
+
+    reason = "ImageNotAllowed"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,13 +177,14 @@ def _choice(spec: Mapping[str, Any], choices: tuple[str, ...], *path: str) -> st
     return str(value)
 
 
-def _secret_ref(spec: Mapping[str, Any], section: str) -> dict[str, str]:
-    name, key = get(spec, section, "secretRef", "name"), get(spec, section, "secretRef", "key")
+def _secret_ref(spec: Mapping[str, Any], section: str, ref: str = "secretRef") -> dict[str, str]:
+    """A Secret name and key: a secretKeyRef always resolves in the pod's (= the pipeline's) namespace."""
+    name, key = get(spec, section, ref, "name"), get(spec, section, ref, "key")
     if not isinstance(name, str) or not DNS_SUBDOMAIN.match(name):
-        raise InvalidSpec(f"{section}.secretRef.name", "must name the Secret (in the pipeline's namespace) that holds "
+        raise InvalidSpec(f"{section}.{ref}.name", "must name the Secret (in the pipeline's namespace) that holds "
                           f"the connection string, e.g. 'analytics-connections'; got {name!r}")
     if not isinstance(key, str) or not SECRET_KEY.match(key):
-        raise InvalidSpec(f"{section}.secretRef.key", f"must be a key of that Secret, got {key!r}")
+        raise InvalidSpec(f"{section}.{ref}.key", f"must be a key of that Secret, got {key!r}")
     return {"name": name, "key": key}
 
 
@@ -199,19 +219,72 @@ def _resources(spec: Mapping[str, Any], section: str) -> dict[str, dict[str, str
             try:
                 parse_quantity(amount)
             except ValueError:
-                raise InvalidSpec(f"{field}.{part}.{resource}", "must be a quantity such as '100m', '0.5', "
-                                  f"'128Mi' or '1Gi', got {amount!r}") from None
+                raise InvalidSpec(f"{field}.{part}.{resource}", "must be a quantity such as '100m', 0.25, "
+                                  f"'128Mi' or '1Gi' (a string or a number), got {amount!r}") from None
             checked[str(resource)] = amount
         result[part] = checked
     return result
 
 
-def _image(spec: Mapping[str, Any], section: str, default_image: str) -> str:
+def image_allowed(image: str, allowed: Sequence[str]) -> bool:
+    """Does the admin's list allow ``image``? An entry is an exact image reference, or a prefix when it ends with
+    ``/`` (a registry or repository path: ``registry.example.com/team/``), ``:`` (any tag of one repository:
+    ``registry.example.com/analytics-pipeline:``) or ``@`` (any digest of one repository)."""
+    for entry in allowed:
+        if image == entry or (entry.endswith(("/", ":", "@")) and image.startswith(entry) and len(image) > len(entry)):
+            return True
+    return False
+
+
+def _image(spec: Mapping[str, Any], section: str, default_image: str, allowed: Sequence[str] = ()) -> str:
     value = get(spec, section, "image") or default_image
     if not isinstance(value, str) or not value.strip() or any(ch.isspace() for ch in value):
         raise InvalidSpec(f"{section}.image", f"must be an image reference such as 'repo/analytics-pipeline:0.1.0', "
                           f"got {value!r}")
+    if value != default_image and not image_allowed(value, allowed):
+        listed = f"nor in its allowed images ({', '.join(allowed)})" if allowed else "and it allows no other image"
+        raise ImageNotAllowed(f"{section}.image", f"{value!r} is not the operator's image ({default_image}) {listed}: "
+                              f"remove spec.{section}.image to run the operator's image, or ask the cluster admin to "
+                              "list it in the chart's operator.allowedImages")
     return value
+
+
+def sidecar_host(spec: Mapping[str, Any]) -> str:
+    """Where the sidecar's ingest, queries and dashboard listen: loopback, unless ``sidecar.exposeIngest``."""
+    host = get(spec, "sidecar", "host")
+    if not isinstance(host, str) or not host.strip():
+        raise InvalidSpec("sidecar.host", f"must be an address such as 127.0.0.1, got {host!r}")
+    return host if _bool(spec, "sidecar", "exposeIngest") or is_loopback(host) else LOOPBACK
+
+
+def sidecar_ports(spec: Mapping[str, Any]) -> tuple[int, int]:
+    """(ingest port, probe port): both in the pod's one network namespace, so they must differ."""
+    port, health = _int(spec, "sidecar", "port"), _int(spec, "sidecar", "healthPort")
+    if port == health:
+        raise InvalidSpec("sidecar.healthPort", f"must differ from sidecar.port ({port}): the probe listener and "
+                          "the ingest listener are two sockets in one pod")
+    return port, health
+
+
+def posture_warnings(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(Event reason, message) for each thing in the spec that weakens the default posture: said on the Ready
+    condition and in Warning Events, so it is a visible choice."""
+    warnings = []
+    host, port = get(spec, "sidecar", "host"), _int(spec, "sidecar", "port")
+    if sidecar_host(spec) != host:
+        warnings.append(("HostIgnored", f"spec.sidecar.host {host!r} is ignored: ingest, queries and the dashboard "
+                         f"stay on {LOOPBACK} unless spec.sidecar.exposeIngest is true (objects created with an "
+                         "earlier CRD carry its old default 0.0.0.0: remove it with kubectl patch ap <name> "
+                         "--type=json -p '[{\"op\":\"remove\",\"path\":\"/spec/sidecar/host\"}]')"))
+    elif not is_loopback(host):
+        warnings.append(("IngestExposed", f"spec.sidecar.exposeIngest is true: the sidecar's ingest, queries and "
+                         f"dashboard listen on {host}:{port} with no authentication, reachable by anything that can "
+                         "reach the pod; restrict it with a NetworkPolicy"))
+    if get(spec, "postgres", "readSecretRef", "name") is None:
+        warnings.append(("WriterCredentialsInSidecar", "the sidecar holds the flusher's (writer's) database "
+                         "credentials: set spec.postgres.readSecretRef to a read-only role's connection string "
+                         "(docs/kubernetes.md, Security model)"))
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,7 +422,8 @@ def build_config(namespace: str, name: str, spec: Mapping[str, Any]) -> Config:
         value = get(spec, *spec_path)
         if value is not None:
             data.setdefault(section, {})[key] = value
-    _int(spec, "sidecar", "port")  # tighter than Config's range (0 = any port makes no sense behind a probe)
+    sidecar_ports(spec)  # tighter than Config's range (0 = any port makes no sense behind a probe), and distinct
+    data.setdefault("server", {})["host"] = sidecar_host(spec)
     try:
         return parse_config(data, source="spec")
     except ConfigError as error:
@@ -421,10 +495,13 @@ def render_configmap(namespace: str, name: str, config: Config, sidecar_snippet:
 
 
 def sidecar_env(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """``REDIS_URL`` from the Redis secret ref, and ``DATABASE_URL`` (for the dashboard and query endpoints)
-    when the pipeline names a PostgreSQL secret: secretKeyRefs, the connection strings are never copied."""
+    """``REDIS_URL`` from the Redis secret ref, and ``DATABASE_URL`` (the dashboard and query endpoints only
+    read): the read-only ``postgres.readSecretRef`` when set, else the writer's ``postgres.secretRef`` (a
+    posture warning). secretKeyRefs to the pipeline's own namespace: the connection strings are never copied."""
     env = [_secret_env(crd.ENV_REDIS_URL, _secret_ref(spec, "redis"))]
-    if get(spec, "postgres", "secretRef", "name") is not None:
+    if get(spec, "postgres", "readSecretRef", "name") is not None:
+        env.append(_secret_env(crd.ENV_DATABASE_URL, _secret_ref(spec, "postgres", "readSecretRef")))
+    elif get(spec, "postgres", "secretRef", "name") is not None:
         env.append(_secret_env(crd.ENV_DATABASE_URL, _secret_ref(spec, "postgres")))
     return env
 
@@ -435,27 +512,33 @@ def sidecar_volume(name: str, volume_name: str = crd.SIDECAR_VOLUME_NAME) -> dic
 
 
 def render_sidecar_container(name: str, spec: Mapping[str, Any], default_image: str, *,
+                             allowed_images: Sequence[str] = (),
                              volume_name: str = crd.SIDECAR_VOLUME_NAME) -> dict[str, Any]:
     """The sidecar container of pipeline ``name``: published as the ConfigMap's snippet AND injected by the
     webhook (one function, so both are the same thing). ``volume_name`` is the pod volume of :func:`sidecar_volume`.
 
-    The startup probe (``/healthz``: the process listens) matters for a native sidecar: the kubelet starts the
-    app's containers only once it passes, so the app's first events find the sidecar up.
+    Only the probe listener (``/healthz``, ``/readyz``, ``/metrics``) is declared and probed: ingest listens on
+    loopback, where the app reaches it, unless the spec exposes it. The startup probe (``/healthz``: the process
+    listens) matters for a native sidecar: the kubelet starts the app's containers only once it passes, so the
+    app's first events find the sidecar up.
     """
-    port = _int(spec, "sidecar", "port")
-    probe = {"httpGet": {"path": "/readyz", "port": crd.SIDECAR_PORT_NAME}, "periodSeconds": 5}
+    port, health_port = sidecar_ports(spec)
+    ports = [{"name": HEALTH_PORT_NAME, "containerPort": health_port, "protocol": "TCP"}]
+    if not is_loopback(sidecar_host(spec)):
+        ports.insert(0, {"name": crd.SIDECAR_PORT_NAME, "containerPort": port, "protocol": "TCP"})
+    probe = {"httpGet": {"path": "/readyz", "port": HEALTH_PORT_NAME}, "periodSeconds": 5}
     return {
         "name": crd.SIDECAR_CONTAINER_NAME,
-        "image": _image(spec, "sidecar", default_image),
+        "image": _image(spec, "sidecar", default_image, allowed_images),
         "imagePullPolicy": _choice(spec, PULL_POLICIES, "sidecar", "imagePullPolicy"),
         "command": ["analytics-pipeline"],
         "args": ["sidecar", "--config", crd.CONFIG_PATH, "--log-format", "json"],
-        "ports": [{"name": crd.SIDECAR_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "ports": ports,
         "env": sidecar_env(spec),
-        "startupProbe": {"httpGet": {"path": "/healthz", "port": crd.SIDECAR_PORT_NAME}, "periodSeconds": 1,
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": HEALTH_PORT_NAME}, "periodSeconds": 1,
                          "failureThreshold": 30},
         "readinessProbe": probe,
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": crd.SIDECAR_PORT_NAME}, "periodSeconds": 10},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": HEALTH_PORT_NAME}, "periodSeconds": 10},
         "resources": _resources(spec, "sidecar"),
         "securityContext": {**container_security_context(), "runAsUser": 10001, "runAsGroup": 10001},
         "volumeMounts": [{"name": volume_name, "mountPath": crd.CONFIG_DIR, "readOnly": True}],
@@ -472,9 +555,10 @@ def sidecar_snippet(name: str, container: Mapping[str, Any]) -> str:
 
 
 def render_cronjob(namespace: str, name: str, spec: Mapping[str, Any], schedule: str,
-                   default_image: str) -> dict[str, Any]:
-    """The flusher CronJob: runs ``analytics-pipeline flush`` on the schedule, never two at once."""
-    image = _image(spec, "flusher", default_image)
+                   default_image: str, allowed_images: Sequence[str] = ()) -> dict[str, Any]:
+    """The flusher CronJob: runs ``analytics-pipeline flush`` on the schedule, never two at once. It gets the
+    writer's ``postgres.secretRef``, never the sidecar's read-only ``readSecretRef``."""
+    image = _image(spec, "flusher", default_image, allowed_images)
     pull = _choice(spec, PULL_POLICIES, "flusher", "imagePullPolicy")
     env = [_secret_env(crd.ENV_REDIS_URL, _secret_ref(spec, "redis")),
            _secret_env(crd.ENV_DATABASE_URL, _secret_ref(spec, "postgres"))]
@@ -540,21 +624,26 @@ class Desired:
     suspend: bool
     configmap: dict[str, Any]
     cronjob: dict[str, Any]
+    warnings: list[tuple[str, str]] = dataclass_field(default_factory=list)
 
 
-def desired_state(namespace: str, name: str, spec: Mapping[str, Any], *, default_image: str) -> Desired:
-    """Validate the spec and render both children; raises InvalidSpec naming the first bad field."""
+def desired_state(namespace: str, name: str, spec: Mapping[str, Any], *, default_image: str,
+                  allowed_images: Sequence[str] = ()) -> Desired:
+    """Validate the spec and render both children; raises InvalidSpec naming the first bad field
+    (ImageNotAllowed for an image the operator's admin did not allow)."""
     if not isinstance(spec, Mapping):
         raise InvalidSpec("(spec)", "the spec must be an object")
     config = build_config(namespace, name, spec)
     schedule = effective_schedule(spec)
-    snippet = sidecar_snippet(name, render_sidecar_container(name, spec, default_image))
+    snippet = sidecar_snippet(name, render_sidecar_container(name, spec, default_image,
+                                                             allowed_images=allowed_images))
     return Desired(
         config=config,
         schedule=schedule,
         suspend=_bool(spec, "suspend"),
         configmap=render_configmap(namespace, name, config, snippet),
-        cronjob=render_cronjob(namespace, name, spec, schedule, default_image),
+        cronjob=render_cronjob(namespace, name, spec, schedule, default_image, allowed_images),
+        warnings=posture_warnings(spec),
     )
 
 

@@ -9,8 +9,11 @@ made Ready milliseconds ago) is the pipeline read with one GET. A pipeline must 
 injected volume can mount and the pod does not hang in ContainerCreating.
 
 The handler never raises: anything unexpected is reported as ``result="error"`` and the pod is admitted
-unchanged (kopf would otherwise *deny* the pod). Skips post one Warning Event per pipeline (or per namespace
-when the pipeline does not exist) and reason per minute, never on dry-run requests.
+unchanged (kopf would otherwise *deny* the pod). Skips post at most one Warning Event per namespace and reason
+per minute (about the pipeline, or the namespace when the pipeline does not exist), never on dry-run requests;
+API lookups on index misses are limited per namespace too, so a flood of reviews naming made-up pipelines
+costs neither a flood of Events nor of API calls. Both tables are bounded. The envelope itself (namespace from
+``request.namespace``, Pods on CREATE only, malformed reviews answered 400) is checked in :mod:`.review`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,8 @@ logger = logging.getLogger("analytics_pipeline.operator")
 INDEX = "analytics_pipelines"  # the kopf index's name = the kwarg handlers receive it as
 LOOKUP_TIMEOUT_SECONDS = 2.0  # an index miss reads the pipeline from the API server, at most this long
 EVENT_REASON = "InjectionSkipped"
+THROTTLE_TABLE_SIZE = 4096  # namespaces (x reasons) remembered by each throttle; the oldest are forgotten first
+LOOKUPS_PER_INTERVAL = 20  # API lookups of index misses per namespace and throttle interval
 
 INJECTIONS = Counter("analytics_pipeline_injections_total",
                      "Pods seen by the sidecar injection webhook, by what happened to them", ["result"])
@@ -80,35 +86,56 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class EventThrottle:
-    """At most one Event per key (namespace, pipeline, result) every ``interval`` seconds."""
+class Throttle:
+    """At most ``burst`` uses per key every ``interval`` seconds, in a table of at most ``max_keys`` keys.
 
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._last: dict[tuple[str, str, str], float] = {}
+    A key's window starts at its first use; when the table is full, expired windows are dropped, then the oldest
+    one, so a flood of distinct keys costs bounded memory (the cost: a forgotten key may be used again early).
+    """
 
-    def allow(self, key: tuple[str, str, str]) -> bool:
-        """True if an Event for ``key`` may be posted now (and remember that it was)."""
+    def __init__(self, interval: float, burst: int = 1, max_keys: int = THROTTLE_TABLE_SIZE) -> None:
+        self.interval, self.burst, self.max_keys = interval, burst, max_keys
+        self._windows: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def allow(self, key: Hashable) -> bool:
+        """True if ``key`` may be used now (and count the use)."""
         now = time.monotonic()
-        if now - self._last.get(key, -self.interval - 1.0) < self.interval:
+        start, used = self._windows.get(key, (now, 0))
+        if now - start >= self.interval:
+            start, used = now, 0
+        if used >= self.burst:
             return False
-        self._last[key] = now
+        self._windows[key] = (start, used + 1)
+        self._windows.move_to_end(key)
+        if len(self._windows) > self.max_keys:
+            self._prune(now)
         return True
+
+    def _prune(self, now: float) -> None:
+        for old in [key for key, (start, _) in self._windows.items() if now - start >= self.interval]:
+            del self._windows[old]
+        while len(self._windows) > self.max_keys:
+            self._windows.popitem(last=False)
 
 
 async def find_pipeline(index: Mapping[Any, Any] | None, api: KubeApi, namespace: str,
-                        name: str) -> dict[str, Any] | None:
+                        name: str, lookups: Throttle | None = None) -> dict[str, Any] | None:
     """The pipeline from the index if it is Ready there, else from the API server (None if it does not exist).
 
     A miss or a not-Ready entry is read fresh: the index trails the watch by a moment, and a pod created right
-    after its pipeline became Ready should not be skipped for that.
+    after its pipeline became Ready should not be skipped for that. ``lookups`` limits those reads per namespace;
+    past it, the index's answer stands.
     """
     store = index.get((namespace, name)) if index is not None else None
-    for value in store or ():
+    entries = [dict(value) for value in store or ()]
+    for value in entries:
         if inject.pipeline_ready(value)[0]:
-            return dict(value)
-    if not name or len(name) > 253:
-        return None
+            return value
+    if not name or len(name) > 253 or (lookups is not None and not lookups.allow(namespace)):
+        return entries[0] if entries else None
     body = await api.get(pipeline_path(namespace, name))
     return snapshot(body) if body is not None else None
 
@@ -116,7 +143,8 @@ async def find_pipeline(index: Mapping[Any, Any] | None, api: KubeApi, namespace
 def register(registry: kopf.OperatorRegistry, options: WebhookOptions) -> None:
     """Add the pipeline index and the mutating handler to ``registry`` (kopf serves it at ``/inject-sidecar``)."""
     pipelines = (crd.GROUP, crd.VERSION, crd.PLURAL)
-    throttle = EventThrottle(options.event_interval)
+    throttle = Throttle(options.event_interval)
+    lookups = Throttle(options.event_interval, burst=LOOKUPS_PER_INTERVAL)
 
     @kopf.index(*pipelines, id=INDEX, registry=registry)
     def analytics_pipelines(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
@@ -135,8 +163,9 @@ def register(registry: kopf.OperatorRegistry, options: WebhookOptions) -> None:
         try:
             if not inject.carries_sidecar(pod.get("spec") or {}):
                 async with asyncio.timeout(LOOKUP_TIMEOUT_SECONDS):  # well within the webhook's timeoutSeconds
-                    pipeline = await find_pipeline(kwargs.get(INDEX), memo.ctx.api, namespace, name)
-            decided = inject.plan(pod, pipeline, default_image=memo.ctx.default_image, mode=options.mode)
+                    pipeline = await find_pipeline(kwargs.get(INDEX), memo.ctx.api, namespace, name, lookups)
+            decided = inject.plan(pod, pipeline, default_image=memo.ctx.default_image, mode=options.mode,
+                                  allowed_images=memo.ctx.allowed_images)
         except Exception as error:  # never deny a pod because of us: admit it unchanged and say why
             if not isinstance(error, KubeApiError | TimeoutError):
                 logger.exception("sidecar injection failed")
@@ -161,7 +190,7 @@ def register(registry: kopf.OperatorRegistry, options: WebhookOptions) -> None:
             logger.info("%s%s", decided.message, suffix)
             return
         logger.warning("%s%s", decided.message, suffix)
-        if dryrun or not throttle.allow((namespace, name, decided.result.value)):
+        if dryrun or not throttle.allow((namespace, decided.result.value)):
             return  # a dry run has no side effects (sideEffects: NoneOnDryRun)
         regarding = pipeline if pipeline is not None and (pipeline.get("metadata") or {}).get("uid") else {
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "namespace": namespace}}
@@ -183,3 +212,11 @@ async def update_injected_pods(api: KubeApi, namespace: str, name: str, status: 
     if status.get("injectedPods") != count:
         await api.patch(pipeline_path(namespace, name, status=True), {"status": {"injectedPods": count}})
     return count
+
+
+def count_failure_message(error: KubeApiError) -> str:
+    """Why ``status.injectedPods`` could not be counted; the RBAC hint only when the API server said 403."""
+    if error.status == 403:
+        return (f"could not count the pods carrying its sidecar (status.injectedPods): {error}; the operator needs "
+                "'list' on pods (chart value webhook.countInjectedPods), or run it with --no-count-injected-pods")
+    return f"could not count the pods carrying its sidecar (status.injectedPods): {error}; retrying at the next resync"

@@ -75,7 +75,7 @@ ROUTES: tuple[Route, ...] = (
     *_segment_calls(),
     Route("/v1/batch", "batch", "segment"),
     Route("/v1/import", "batch", "segment"),
-    *_both("/batch", "batch", "posthog"),
+    *_both("/batch", "any", "posthog"),  # PostHog's /batch takes what /e takes: an event, an array or {"batch"}
     *_both("/capture", "any", "posthog"),
     *_both("/e", "any", "posthog"),
     *_both("/i/v0/e", "any", "posthog"),
@@ -165,7 +165,7 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
             body = await read_raw_body(request, limit)
             encoding = headers.get(hdrs.CONTENT_ENCODING)
             compression = request.query.get("compression") if request.query_string else None
-            if encoding is not None or compression is not None or form:
+            if encoding is not None or compression is not None or form or body[:2] == b"\x1f\x8b":
                 body = decode_body(body, content_encoding=encoding, compression=compression, form=form, limit=limit)
             if validator.all_or_nothing:
                 events: list[Event] = validator.parse(body, shape=shape, call_type=call_type)

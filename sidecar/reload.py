@@ -22,7 +22,8 @@ from .appkeys import CONFIG, STATE
 log = logging.getLogger(__name__)
 
 # Changing these needs a restart (new connections, new socket, new key space).
-RESTART_KEYS = ("pipeline", "redis_url", "server.host", "server.port", "server.redis_timeout_seconds")
+RESTART_KEYS = ("pipeline", "redis_url", "server.host", "server.port", "server.redis_timeout_seconds",
+                "server.health_host", "server.health_port")
 
 
 def _digest(path: Path) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -11,21 +10,13 @@ import signal
 from aiohttp import web
 
 from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.net import is_loopback
 
 from .app import create_app
 from .appkeys import STATE
+from .probe_listener import start_probe_listener
 
 log = logging.getLogger("analytics_pipeline.sidecar")
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (the only safe binding for a sidecar)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = None,
@@ -47,6 +38,13 @@ async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = 
                   extra={"event": "listen_failed"})
         await runner.cleanup()
         return 1
+    try:
+        probes = await start_probe_listener(app, config)
+    except OSError as error:
+        log.error("cannot listen on %s:%s (probe listener): %s", server.health_host, server.health_port,
+                  error.strerror or error, extra={"event": "listen_failed"})
+        await runner.cleanup()
+        return 1
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -66,6 +64,8 @@ async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = 
             loop.remove_signal_handler(signum)
         log.info("stopping: no new connections; finishing requests in flight", extra={"event": "draining"})
         app[STATE].draining = True
+        if probes is not None:
+            await probes.cleanup()
         await runner.cleanup()
         log.info("sidecar stopped", extra={"event": "stopped"})
     return 0

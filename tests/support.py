@@ -36,6 +36,44 @@ def run_demo(redis_url: str, database_url: str, *extra: str) -> tuple[subprocess
     return result, orjson.loads(lines[0])
 
 
+def ensure_schema(database_url: str) -> str:
+    """Apply the schema when something of it is missing; returns ``database_url`` (for session fixtures).
+
+    Only when missing: re-running CREATE INDEX IF NOT EXISTS takes table locks that can deadlock with
+    other sessions' flush transactions on the shared database."""
+    import asyncpg
+
+    from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
+
+    async def migrate() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            names = [name for _, name in schema_objects()]
+            found = await conn.fetchval("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = "
+                                        "c.relnamespace WHERE n.nspname = current_schema() AND "
+                                        "c.relname = ANY($1::text[])", names)
+            if found != len(names):
+                await apply_schema(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(migrate())
+    return database_url
+
+
+def unregister_pipeline(redis_url: str, pipeline: str) -> None:
+    """Take a test pipeline out of ``ap:pipelines``, so ``flush --all`` runs elsewhere skip it."""
+    import redis
+
+    from analytics_pipeline.core.keys import PIPELINES_SET
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.srem(PIPELINES_SET, pipeline)
+    finally:
+        client.close()
+
+
 def flush_env(config: Config, **extra: str) -> dict[str, str]:
     """Environment for a flusher subprocess pointed at the config's Redis and PostgreSQL."""
     env = {k: v for k, v in os.environ.items() if k not in ("ANALYTICS_FLUSH_FAULT", "ANALYTICS_CONFIG")}

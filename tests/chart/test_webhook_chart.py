@@ -141,7 +141,9 @@ async def test_the_operator_serves_the_chart_certificate_to_a_client_trusting_on
         listening = ssl.create_default_context(cadata=bundle.decode())
         listening.check_hostname = False  # only waits for the socket; the checks are the handshakes below
         await wait_for_port(port, listening)
-        await handshake(f"{SERVICE}.analytics.svc")
+        # The name the API server dials: the Service the chart registers in the MutatingWebhookConfiguration.
+        service = one(objects, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["service"]
+        await handshake(f"{service['name']}.{service['namespace']}.svc")
         with pytest.raises(ssl.SSLCertVerificationError):
             await handshake("some-other-service.analytics.svc")
 

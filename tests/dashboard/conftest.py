@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from support import ensure_schema
 
 from analytics_pipeline.core.keys import PIPELINES_SET
-from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
 from analytics_pipeline.flusher.store import PIPELINE_TABLES
 from analytics_pipeline.sidecar.dashboard import DashboardProvider, setup_dashboard
 from analytics_pipeline.sidecar.dashboard_model import DashboardData
@@ -179,24 +179,8 @@ async def make_client() -> AsyncIterator[Callable[[DashboardProvider], Awaitable
 
 @pytest.fixture(scope="session")
 def schema(database_url: str) -> str:
-    """The schema applied once per session (idempotent, serialised by the migration's own lock)."""
-
-    async def migrate() -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            # Only when something is missing: re-running CREATE INDEX IF NOT EXISTS takes table locks that
-            # can deadlock with other sessions' flush transactions on the shared database.
-            names = [name for _, name in schema_objects()]
-            found = await conn.fetchval("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = "
-                                        "c.relnamespace WHERE n.nspname = current_schema() AND "
-                                        "c.relname = ANY($1::text[])", names)
-            if found != len(names):
-                await apply_schema(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(migrate())
-    return database_url
+    """The schema applied once per session when something of it is missing."""
+    return ensure_schema(database_url)
 
 
 @pytest.fixture

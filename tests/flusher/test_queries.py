@@ -222,7 +222,10 @@ async def test_queries_under_concurrent_writes_and_flushes(redis_url: str, redis
 
     async def write(seed: int) -> None:
         rng = random.Random(seed)
-        for _ in range(250):
+        batches = 0
+        # at least 250 batches each, and on until the samplers took 10 samples (however slow the machine)
+        while batches < 250 or (samples < 10 and batches < 5000):
+            batches += 1
             events = [(f"e{rng.randrange(3)}", f"u{rng.randrange(50)}",
                        day_start + timedelta(seconds=rng.randrange(span))) for _ in range(rng.randrange(1, 6))]
             users = {e[1] for e in events}

@@ -212,8 +212,8 @@ async def emulated_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> A
 
 @asynccontextmanager
 async def running_operator(cluster: Cluster, *, resync_seconds: float = 60.0, watch_children: bool = True,
-                           liveness: str | None = None,
-                           injection: WebhookOptions | None = None) -> AsyncIterator[OperatorContext]:
+                           liveness: str | None = None, injection: WebhookOptions | None = None,
+                           allowed_images: tuple[str, ...] = ()) -> AsyncIterator[OperatorContext]:
     """The project's operator (its own registry and handlers) running for real, as in a pod.
 
     It runs in its own thread and event loop, as it would in its own process: kopf treats every task
@@ -228,7 +228,7 @@ async def running_operator(cluster: Cluster, *, resync_seconds: float = 60.0, wa
 
     context = OperatorContext(
         api=KubeApi(login=lambda: kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())),
-        default_image=TEST_IMAGE)
+        default_image=TEST_IMAGE, allowed_images=allowed_images)
     settings = kopf.OperatorSettings()
     settings.watching.reconnect_backoff = 0.05
     settings.queueing.exit_timeout = 0.5

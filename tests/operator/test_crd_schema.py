@@ -18,10 +18,11 @@ MINIMAL = {"redis": {"secretRef": {"name": "conn"}}, "postgres": {"secretRef": {
 # Where the CRD is deliberately stricter than, or defaults differently from, the config model (and why):
 STRICTER = {
     ("sidecar", "port"): "0 (any free port) is useless behind a probe and a Service: minimum 1",
+    ("sidecar", "healthPort"): "the probe listener's port is named in the probes: minimum 1",
     ("ingest", "maxPastSeconds"): "the model caps it at counters.ttl_seconds (<= 366 days) in a cross-field rule",
 }
 OTHER_DEFAULT = {
-    ("sidecar", "host"): "in a pod the sidecar listens on 0.0.0.0 so kubelet probes and Prometheus reach it",
+    ("sidecar", "healthPort"): "in a pod the kubelet and Prometheus need the probe listener; outside, it is off",
 }
 
 
@@ -162,8 +163,9 @@ def test_operator_reads_only_fields_the_crd_defines_and_every_one_of_them() -> N
     full["flush"]["interval"] = "10m"
     full["ingest"]["maxPastSeconds"] = 3600
     full["sidecar"]["image"] = full["flusher"]["image"] = "img:2"
+    full["postgres"]["readSecretRef"] = {"name": "reader", "key": "url"}
     seen: set[tuple[str, ...]] = set()
-    render.desired_state("ns", "web", Recorder(full, seen), default_image="img:1")
+    render.desired_state("ns", "web", Recorder(full, seen), default_image="img:1", allowed_images=("img:",))
     declared = {path for path, _ in leaves(spec_schema())}
     prefixes = {path[:i] for path in declared for i in range(1, len(path))}
     read_leaves = {path for path in seen if path not in prefixes}

@@ -107,7 +107,7 @@ async def test_create_renders_configmap_and_cronjob_with_owner_and_status(cluste
 
 
 async def test_spec_update_patches_children_in_place(cluster: Cluster, tmp_path: Path) -> None:
-    async with running_operator(cluster):
+    async with running_operator(cluster, allowed_images=("registry.example/",)):
         await cluster.create_pipeline(NS, "web", SPEC)
         await eventually(lambda: ready(cluster, "web"))
         uids = (cluster.configmap(NS, "web")["metadata"]["uid"], cluster.cronjob(NS, "web")["metadata"]["uid"])

@@ -10,6 +10,7 @@ import kopf
 import kubernetes_validate
 import pytest
 import yaml
+from operator_harness import validate_against_crd
 
 from analytics_pipeline.core.config import load_config
 from analytics_pipeline.operator import crd, render
@@ -96,7 +97,8 @@ def test_configmap_is_loadable_by_the_sidecars_loader_and_has_no_secrets(tmp_pat
     config = load_config(path, env={})
     assert config == desired.config
     assert config.pipeline == "shop/checkout" and config.ingest.max_batch_events == 10
-    assert config.server.port == 9000 and config.server.host == "0.0.0.0" and config.flush.retention_days == 30
+    assert config.server.port == 9000 and config.server.host == "127.0.0.1" and config.flush.retention_days == 30
+    assert (config.server.health_host, config.server.health_port) == ("0.0.0.0", 8788)
     assert "redis_url" not in yaml.safe_load(path.read_text()) and "database_url" not in path.read_text()
 
 
@@ -117,7 +119,10 @@ def test_sidecar_snippet_is_a_usable_container() -> None:
     desired = render.desired_state("shop", "checkout", MINIMAL, default_image="img:1")
     snippet = yaml.safe_load(desired.configmap["data"][crd.SIDECAR_SNIPPET_KEY])
     (container,) = snippet["containers"]
-    assert container["ports"] == [{"name": "analytics", "containerPort": 8787, "protocol": "TCP"}]
+    # Only the probe listener is declared (ingest listens on loopback), and every probe goes there.
+    assert container["ports"] == [{"name": "analytics-ops", "containerPort": 8788, "protocol": "TCP"}]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "analytics-ops"
     assert container["args"][:3] == ["sidecar", "--config", crd.CONFIG_PATH]
     assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "conn", "key": "redis-url"}
     assert snippet["volumes"] == [{"name": "analytics-config", "configMap": {"name": "checkout-sidecar-config"}}]
@@ -172,3 +177,98 @@ def test_children_are_valid_kubernetes_objects(version: str) -> None:
            "spec": {"containers": [{"name": "app", "image": "app:1"}, *snippet["containers"]],
                     "volumes": snippet["volumes"]}}
     kubernetes_validate.validate(pod, version, strict=True)
+
+
+def sidecar_of(desired: render.Desired) -> dict[str, Any]:
+    return yaml.safe_load(desired.configmap["data"][crd.SIDECAR_SNIPPET_KEY])["containers"][0]
+
+
+def test_ingest_stays_on_loopback_unless_the_spec_exposes_it() -> None:
+    old_default = {**copy.deepcopy(MINIMAL), "sidecar": {"host": "0.0.0.0"}}  # stored by the previous CRD
+    desired = render.desired_state("ns", "web", old_default, default_image="i")
+    assert desired.config.server.host == "127.0.0.1"
+    assert [reason for reason, _ in desired.warnings] == ["HostIgnored", "WriterCredentialsInSidecar"]
+    assert "exposeIngest" in desired.warnings[0][1]
+    exposed = {**copy.deepcopy(MINIMAL), "sidecar": {"host": "0.0.0.0", "exposeIngest": True}}
+    desired = render.desired_state("ns", "web", exposed, default_image="i")
+    assert desired.config.server.host == "0.0.0.0"
+    assert desired.warnings[0][0] == "IngestExposed" and "NetworkPolicy" in desired.warnings[0][1]
+    assert sidecar_of(desired)["ports"] == [{"name": "analytics", "containerPort": 8787, "protocol": "TCP"},
+                                            {"name": "analytics-ops", "containerPort": 8788, "protocol": "TCP"}]
+    same = {**copy.deepcopy(MINIMAL), "sidecar": {"healthPort": 8787}}
+    with pytest.raises(render.InvalidSpec, match=r"must differ from sidecar\.port"):
+        render.desired_state("ns", "web", same, default_image="i")
+
+
+def test_the_sidecar_gets_the_read_only_credentials_and_the_flusher_the_writers() -> None:
+    spec = {**copy.deepcopy(MINIMAL), "postgres": {"secretRef": {"name": "writer", "key": "w"},
+                                                   "readSecretRef": {"name": "reader"}}}
+    desired = render.desired_state("ns", "web", spec, default_image="i")
+    assert desired.warnings == []
+    sidecar_env = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in sidecar_of(desired)["env"]}
+    assert sidecar_env == {"REDIS_URL": {"name": "conn", "key": "redis-url"},
+                           "DATABASE_URL": {"name": "reader", "key": "database-read-url"}}
+    pod = desired.cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for container in [*pod["containers"], *pod["initContainers"]]:
+        refs = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in container["env"]}
+        assert refs == {"REDIS_URL": {"name": "conn", "key": "redis-url"},
+                        "DATABASE_URL": {"name": "writer", "key": "w"}}  # never the reader's
+        assert "reader" not in yaml.safe_dump(container)
+    # Without readSecretRef the sidecar holds the writer's: said, not hidden.
+    plain = render.desired_state("ns", "web", MINIMAL, default_image="i")
+    assert sidecar_of(plain)["env"][1]["valueFrom"]["secretKeyRef"] == {"name": "conn", "key": "database-url"}
+    assert plain.warnings[-1][0] == "WriterCredentialsInSidecar"
+
+
+def test_only_named_secret_keys_reach_the_containers_by_reference() -> None:
+    """secretKeyRefs only (resolved in the pod's = the pipeline's namespace): no envFrom, no Secret volume, no
+    namespace anywhere in a reference, no connection string copied."""
+    spec = {**copy.deepcopy(MINIMAL), "postgres": {"secretRef": {"name": "conn"}, "readSecretRef": {"name": "ro"}}}
+    desired = render.desired_state("ns", "web", spec, default_image="i")
+    pod = desired.cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for container in [*pod["containers"], *pod["initContainers"], sidecar_of(desired)]:
+        assert "envFrom" not in container
+        for item in container["env"]:
+            assert set(item) == {"name", "valueFrom"} and set(item["valueFrom"]) == {"secretKeyRef"}
+            assert set(item["valueFrom"]["secretKeyRef"]) == {"name", "key"}
+    assert all("secret" not in volume for volume in pod["volumes"])
+
+
+@pytest.mark.parametrize(("image", "allowed", "ok"), [
+    ("op:1", (), True),  # the operator's own image is always allowed
+    ("evil/miner:1", (), False),
+    ("registry.example.com/team/ap:2", ("registry.example.com/team/",), True),
+    ("registry.example.com/teamx/ap:2", ("registry.example.com/team/",), False),
+    ("registry.example.com.evil.io/team/ap:2", ("registry.example.com/",), False),
+    ("registry.example.com/ap:2", ("registry.example.com/ap:",), True),
+    ("registry.example.com/ap-other:2", ("registry.example.com/ap:",), False),
+    ("registry.example.com/ap@sha256:abc", ("registry.example.com/ap@",), True),
+    ("registry.example.com/ap:2", ("registry.example.com/ap:2",), True),
+])
+def test_images_come_from_the_operator_unless_the_admin_allows_them(image: str, allowed: tuple[str, ...],
+                                                                    ok: bool) -> None:
+    for section in ("sidecar", "flusher"):
+        spec = {**copy.deepcopy(MINIMAL), section: {"image": image}}
+        if ok:
+            render.desired_state("ns", "web", spec, default_image="op:1", allowed_images=allowed)
+            continue
+        with pytest.raises(render.ImageNotAllowed) as caught:
+            render.desired_state("ns", "web", spec, default_image="op:1", allowed_images=allowed)
+        assert caught.value.reason == "ImageNotAllowed" and caught.value.field == f"{section}.image"
+        assert "operator.allowedImages" in str(caught.value)
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.utils.latest_version()])
+def test_unquoted_fractional_quantities_are_accepted_and_rendered(version: str) -> None:
+    """`cpu: 0.25` (a YAML number), as a Pod takes it: accepted by the CRD, rendered into valid containers."""
+    resources = {"requests": {"cpu": 0.25, "memory": "64Mi"}, "limits": {"cpu": 1, "memory": "128Mi"}}
+    spec = {**copy.deepcopy(MINIMAL), "sidecar": {"resources": resources}, "flusher": {"resources": resources}}
+    validate_against_crd({"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": "web"},
+                          "spec": spec})
+    desired = render.desired_state("ns", "web", spec, default_image="i")
+    assert sidecar_of(desired)["resources"]["requests"]["cpu"] == 0.25
+    kubernetes_validate.validate(desired.cronjob, version, strict=True)
+    for bad in ({"cpu": {"value": 1}}, {"cpu": [1]}, {"cpu": True}, {"memory": "lots"}):
+        spec = {**copy.deepcopy(MINIMAL), "sidecar": {"resources": {"requests": bad}}}
+        with pytest.raises(render.InvalidSpec, match=r"must be a quantity such as '100m', 0\.25"):
+            render.desired_state("ns", "web", spec, default_image="i")

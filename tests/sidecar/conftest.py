@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from support import make_config
+from support import make_config, unregister_pipeline
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.services import RedisServer
@@ -73,12 +73,4 @@ def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def _unregister_pipeline(redis_url: str, pipeline: str) -> Iterator[None]:
     """Take the test pipeline out of ``ap:pipelines`` afterwards, so ``flush --all`` runs elsewhere skip it."""
     yield
-    import redis
-
-    from analytics_pipeline.core.keys import PIPELINES_SET
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.srem(PIPELINES_SET, pipeline)
-    finally:
-        client.close()
+    unregister_pipeline(redis_url, pipeline)

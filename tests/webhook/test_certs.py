@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from operator_harness import eventually, free_port
-from webhook_support import TestPKI, peer_serial, wait_for_port
+from webhook_support import TestPKI, admission_review, peer_serial, wait_for_port
 
 from analytics_pipeline.operator.certs import CertificateReloader, ReloadingWebhookServer, server_context
 
@@ -23,7 +23,9 @@ async def answer(request: Any, **_: Any) -> dict[str, Any]:
 
 async def post_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uid: str) -> dict[str, Any]:
     """One HTTP/1.1 request on an already open (keep-alive) connection."""
-    body = json.dumps({"request": {"uid": uid}}).encode()
+    review = admission_review({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}}, "shop")
+    review["request"]["uid"] = uid
+    body = json.dumps(review).encode()
     writer.write(b"POST /inject-sidecar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     await writer.drain()

@@ -10,7 +10,7 @@ import yaml
 
 from analytics_pipeline.operator import crd, inject, render
 from analytics_pipeline.operator.events import event_body
-from analytics_pipeline.operator.webhook import EventThrottle, find_pipeline, snapshot
+from analytics_pipeline.operator.webhook import Throttle, find_pipeline, snapshot
 
 SPEC = {"redis": {"secretRef": {"name": "conn"}}, "postgres": {"secretRef": {"name": "conn"}}}
 READY = {"conditions": [{"type": "Ready", "status": "True", "reason": "Reconciled", "message": "ok"}]}
@@ -42,11 +42,15 @@ def test_injected_container_is_the_published_snippet() -> None:
     assert "analyticspipeline.io/inject" in desired.configmap["data"][crd.SIDECAR_SNIPPET_KEY]
 
 
-def test_image_is_the_pipelines_else_the_operators_default() -> None:
+def test_image_is_the_operators_unless_the_admin_allows_the_pipelines() -> None:
     default = inject.plan(pod(), pipeline(), default_image="op-default:1")
     assert default.changes["initContainers"][0]["image"] == "op-default:1"
-    own = inject.plan(pod(), pipeline({**SPEC, "sidecar": {"image": "mine:2"}}), default_image="op-default:1")
-    assert own.changes["initContainers"][0]["image"] == "mine:2"
+    own = pipeline({**SPEC, "sidecar": {"image": "mine:2"}})
+    refused = inject.plan(pod(), own, default_image="op-default:1")
+    assert refused.result is inject.Result.INVALID_SPEC and not refused.changes
+    assert "'mine:2' is not the operator's image" in refused.message
+    allowed = inject.plan(pod(), own, default_image="op-default:1", allowed_images=("mine:",))
+    assert allowed.changes["initContainers"][0]["image"] == "mine:2"
 
 
 def test_volume_names_avoid_every_collision() -> None:
@@ -79,6 +83,9 @@ def test_port_conflict_and_invalid_spec_are_skipped_with_the_fix() -> None:
     assert decided.result is inject.Result.PORT_CONFLICT and "spec.sidecar.port" in decided.message
     assert inject.plan(taken, pipeline({**SPEC, "sidecar": {"port": 9000}}), default_image="i").result \
         is inject.Result.INJECTED
+    probes_taken = pod(containers=[{"name": "app", "image": "a", "ports": [{"containerPort": 8788}]}])
+    decided = inject.plan(probes_taken, pipeline(), default_image="i")
+    assert decided.result is inject.Result.PORT_CONFLICT and "spec.sidecar.healthPort" in decided.message
     bad = inject.plan(pod(), pipeline({**SPEC, "sidecar": {"imagePullPolicy": "Sometimes"}}), default_image="i")
     assert bad.result is inject.Result.INVALID_SPEC and "sidecar.imagePullPolicy" in bad.message
 
@@ -119,9 +126,34 @@ def test_snapshot_event_body_and_throttle() -> None:
     assert body["involvedObject"] == {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "name": "web",
                                       "namespace": "shop", "uid": "u-1"}
     assert body["metadata"] == {"generateName": "web.", "namespace": "shop"} and len(body["message"]) == 1000
-    throttle = EventThrottle(60)
-    assert throttle.allow(("shop", "web", "x")) and not throttle.allow(("shop", "web", "x"))
-    assert throttle.allow(("shop", "web", "y"))
+    throttle = Throttle(60)
+    assert throttle.allow(("shop", "x")) and not throttle.allow(("shop", "x"))
+    assert throttle.allow(("shop", "y"))
+
+
+def test_throttle_table_is_bounded() -> None:
+    """A flood of distinct keys (say, reviews naming 10,000 made-up pipelines in as many namespaces) keeps at most
+    max_keys windows; the newest keys are still throttled."""
+    throttle = Throttle(3600, burst=2, max_keys=100)
+    for number in range(10_000):
+        assert throttle.allow(f"ns-{number}")
+    assert len(throttle) == 100
+    assert throttle.allow("ns-9999") and not throttle.allow("ns-9999")  # its burst of 2 is used up
+
+
+async def test_find_pipeline_limits_api_lookups_per_namespace() -> None:
+    class Api:
+        calls = 0
+
+        async def get(self, path: str) -> None:
+            self.calls += 1
+
+    api, lookups = Api(), Throttle(3600, burst=3)
+    for number in range(50):
+        assert await find_pipeline({}, api, "shop", f"made-up-{number}", lookups) is None  # type: ignore[arg-type]
+    assert api.calls == 3
+    assert await find_pipeline({}, api, "other", "x", lookups) is None  # type: ignore[arg-type]
+    assert api.calls == 4
 
 
 async def test_find_pipeline_reads_a_not_ready_entry_fresh() -> None:

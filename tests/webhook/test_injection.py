@@ -37,14 +37,15 @@ SIDECAR: dict[str, Any] = {
     "imagePullPolicy": "IfNotPresent",
     "command": ["analytics-pipeline"],
     "args": ["sidecar", "--config", "/etc/analytics-pipeline/config.yaml", "--log-format", "json"],
-    "ports": [{"name": "analytics", "containerPort": 8787, "protocol": "TCP"}],
+    "ports": [{"name": "analytics-ops", "containerPort": 8788, "protocol": "TCP"}],
     "env": [
         {"name": "REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "analytics-connections", "key": "redis-url"}}},
         {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "analytics-connections", "key": "pg"}}},
     ],
-    "startupProbe": {"httpGet": {"path": "/healthz", "port": "analytics"}, "periodSeconds": 1, "failureThreshold": 30},
-    "readinessProbe": {"httpGet": {"path": "/readyz", "port": "analytics"}, "periodSeconds": 5},
-    "livenessProbe": {"httpGet": {"path": "/healthz", "port": "analytics"}, "periodSeconds": 10},
+    "startupProbe": {"httpGet": {"path": "/healthz", "port": "analytics-ops"}, "periodSeconds": 1,
+                     "failureThreshold": 30},
+    "readinessProbe": {"httpGet": {"path": "/readyz", "port": "analytics-ops"}, "periodSeconds": 5},
+    "livenessProbe": {"httpGet": {"path": "/healthz", "port": "analytics-ops"}, "periodSeconds": 10},
     "resources": {"requests": {"cpu": "20m"}, "limits": {"memory": "100Mi"}},
     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "readOnlyRootFilesystem": True,
                         "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
@@ -90,7 +91,8 @@ async def webhook_operator(cluster: Cluster, pki: TestPKI, *, mode: str = "nativ
     port = free_port()
     options = WebhookOptions(port=port, address="127.0.0.1", cert_file=pki.cert_file, key_file=pki.key_file,
                              mode=mode, reload_seconds=0.1)
-    async with running_operator(cluster, injection=options, resync_seconds=resync_seconds):
+    async with running_operator(cluster, injection=options, resync_seconds=resync_seconds,
+                                allowed_images=("registry.example/",)):
         await wait_for_port(port, pki.client_context())
         yield f"https://127.0.0.1:{port}/{crd.WEBHOOK_PATH}"
 
