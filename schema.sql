@@ -162,3 +162,38 @@ CREATE TABLE IF NOT EXISTS analytics_pipeline_retention (
     retention_days  integer     NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
+
+-- Partition creation (partitioning), for every role that writes: the flusher may run as a role that owns no
+-- table and may not create any (docs/kubernetes.md, "Database roles"), yet must create a month's partitions
+-- before it writes that month. This function runs as the schema's owner (SECURITY DEFINER, fixed
+-- search_path) and can do nothing but create an empty monthly partition of one of the three counter tables:
+-- serialised by the schema's advisory lock, re-checked under it, created as a plain table then ATTACHed
+-- (SHARE UPDATE EXCLUSIVE on the parent, not the ACCESS EXCLUSIVE of CREATE TABLE ... PARTITION OF).
+-- Returns whether it created the partition. Called by flusher/partitions.py.
+CREATE OR REPLACE FUNCTION analytics_create_month_partition(parent text, month date) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    name text := parent || '_p' || to_char(month, 'YYYYMM');
+    low  text;
+    high text;
+BEGIN
+    IF parent NOT IN ('analytics_daily', 'analytics_hourly', 'analytics_user_daily')
+       OR month IS NULL OR month <> date_trunc('month', month)::date THEN
+        RAISE EXCEPTION 'analytics_create_month_partition: no such partition: %, %', parent, month;
+    END IF;
+    PERFORM pg_advisory_xact_lock(7335046153962100001);
+    IF to_regclass(quote_ident(name)) IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    IF parent = 'analytics_hourly' THEN
+        low := month::text || ' 00:00:00+00';
+        high := (month + interval '1 month')::date::text || ' 00:00:00+00';
+    ELSE
+        low := month::text;
+        high := (month + interval '1 month')::date::text;
+    END IF;
+    EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS)', name, parent);
+    EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)', parent, name, low, high);
+    RETURN true;
+END
+$$;

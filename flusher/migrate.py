@@ -129,7 +129,9 @@ async def apply_schema(conn: asyncpg.Connection) -> list[tuple[str, str]]:
         before = await _existing(conn, [name for _, name in objects])
         upgrades = await pending_upgrades(conn)
         ahead = months_ahead(await _today(conn))
-        if not upgrades and all(name in before for _, name in objects) and not await missing_partitions(conn, ahead):
+        function = await conn.fetchval("SELECT to_regprocedure('analytics_create_month_partition(text, date)')")
+        if (not upgrades and all(name in before for _, name in objects) and function is not None
+                and not await missing_partitions(conn, ahead)):
             # Nothing to create or change: re-running the DDL would take table locks that can
             # deadlock with a concurrent flush transaction, for no change.
             return []

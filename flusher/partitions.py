@@ -5,9 +5,10 @@ analytics_daily, analytics_hourly and analytics_user_daily are ``PARTITION BY RA
 month without a partition fails loudly instead of landing in a catch-all that retention cannot drop and
 that every later ATTACH would have to scan. So every writer ensures the months it touches first
 (:func:`ensure_partitions`: cheap when they exist, idempotent, serialised by the schema's advisory lock so
-racing flushers and ``migrate`` never collide). A new partition is a plain table ATTACHed to its parent:
-ATTACH takes SHARE UPDATE EXCLUSIVE on the parent (flushes and queries go on), where ``CREATE TABLE ...
-PARTITION OF`` would take ACCESS EXCLUSIVE.
+racing flushers and ``migrate`` never collide). A new partition is created by schema.sql's SECURITY
+DEFINER function ``analytics_create_month_partition`` (so a flusher role without DDL rights can), as a
+plain table ATTACHed to its parent: ATTACH takes SHARE UPDATE EXCLUSIVE on the parent (flushes and
+queries go on), where ``CREATE TABLE ... PARTITION OF`` would take ACCESS EXCLUSIVE.
 """
 
 from __future__ import annotations
@@ -44,14 +45,6 @@ def next_month(month: date) -> date:
 
 def partition_name(table: str, month: date) -> str:
     return f"{table}_p{month:%Y%m}"
-
-
-def bounds(table: str, month: date) -> str:
-    """``FOR VALUES`` clause of a month's partition (UTC midnights for the timestamptz column)."""
-    low, high = month.isoformat(), next_month(month).isoformat()
-    if PARTITIONED[table] == "hour":
-        return f"FROM ('{low} 00:00:00+00') TO ('{high} 00:00:00+00')"
-    return f"FROM ('{low}') TO ('{high}')"
 
 
 def months_ahead(today: date, ahead: int = MONTHS_AHEAD) -> list[Partition]:
@@ -103,8 +96,9 @@ async def ensure_partitions(conn: asyncpg.Connection, needed: Iterable[Partition
             name = partition_name(table, month)
             try:
                 async with conn.transaction():
-                    await conn.execute(f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS)")
-                    await conn.execute(f"ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES {bounds(table, month)}")
+                    # schema.sql's SECURITY DEFINER function: a flusher role that may not run DDL can call it
+                    if not await conn.fetchval("SELECT analytics_create_month_partition($1, $2)", table, month):
+                        continue
             except (asyncpg.exceptions.DuplicateTableError, asyncpg.exceptions.UniqueViolationError):
                 # created meanwhile by someone not taking our lock (by hand?): it exists, which is all we need
                 log.info("partition %s was created concurrently", name)
