@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -42,6 +43,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
 import asyncpg
@@ -98,8 +100,8 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
-def sidecar(command: str, redis_url: str, database_url: str, log_dir: Path, name: str) -> Iterator[int]:
-    """A real sidecar process (``command sidecar ...``) on a free port; yields the port."""
+def sidecar(command: str, redis_url: str, database_url: str, log_dir: Path, name: str) -> Iterator[tuple[int, int]]:
+    """A real sidecar process (``command sidecar ...``) on a free port; yields (port, pid)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("ANALYTICS_CONFIG", "PYTHONPATH")}
     env.update(REDIS_URL=redis_url, DATABASE_URL=database_url, ANALYTICS_PIPELINE=PIPELINE, PYTHONSAFEPATH="1")
@@ -113,7 +115,7 @@ def sidecar(command: str, redis_url: str, database_url: str, log_dir: Path, name
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"sidecar {name} did not start: {log_path.read_text()[-1500:]}")
                 time.sleep(0.05)
-            yield port
+            yield port, process.pid
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -121,6 +123,43 @@ def sidecar(command: str, redis_url: str, database_url: str, log_dir: Path, name
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def postmaster_pid(port: int) -> int | None:
+    """The pid of the PostgreSQL server listening on ``port`` (its command line carries ``-p port``)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"postgres") and any(
+                a == b"-p" and b == str(port).encode() for a, b in itertools.pairwise(args)):
+            return int(cmdline.parent.name)
+    return None
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pin every thread of a process and of its descendants to one CPU (processes forked later inherit it)."""
+    for each in [pid, *_children(pid)]:
+        for task in Path(f"/proc/{each}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), {cpu})
+            except (ProcessLookupError, ValueError):
+                pass
+        if each != pid:
+            pin(each, cpu)
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -253,6 +292,10 @@ def main() -> int:
     parser.add_argument("--sidecar", default=str(Path(sys.executable).parent / "analytics-pipeline"),
                         help="the analytics-pipeline command to run the sidecars with (another checkout's venv "
                              "measures that code)")
+    parser.add_argument("--pin", action="store_true",
+                        help="CPU 0: Redis, the ingest sidecar and the probe; CPU 1: the query sidecar, the query "
+                             "clients and PostgreSQL (as when the reading pod and the database run on other "
+                             "nodes: on 2 cores the query load otherwise takes the ingest path's CPU)")
     parser.add_argument("--hammer", nargs=4, metavar=("PORT", "SECONDS", "CLIENTS", "USERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hammer:
@@ -290,8 +333,16 @@ def main() -> int:
         results: dict[str, dict[str, Any]] = {}
         slow: dict[str, list[dict[str, Any]]] = {}
         queries: dict[str, dict[str, Any]] = {}
-        with sidecar(args.sidecar, redis_server.url, database_url, log_dir, "ingest") as ingest_port, \
-                sidecar(args.sidecar, redis_server.url, database_url, log_dir, "query") as query_port:
+        with sidecar(args.sidecar, redis_server.url, database_url, log_dir, "ingest") as (ingest_port, ingest_pid), \
+                sidecar(args.sidecar, redis_server.url, database_url, log_dir, "query") as (query_port, query_pid):
+            if args.pin:
+                postmaster = postmaster_pid(urlparse(database_url).port or 5432)
+                for pid, cpu in ((redis_server.process.pid, 0), (ingest_pid, 0), (os.getpid(), 0), (query_pid, 1)):
+                    pin(pid, cpu)
+                if postmaster is not None:
+                    pin(postmaster, 1)
+                print(f"pinned: CPU 0 Redis, ingest sidecar, probe; CPU 1 query sidecar, query clients"
+                      f"{', PostgreSQL' if postmaster else ' (PostgreSQL not found on this machine: not pinned)'}")
             for phase, target in (("idle", None), ("load: other sidecar", query_port),
                                   ("load: same sidecar", ingest_port)):
                 slowlog_since(client)
@@ -299,6 +350,8 @@ def main() -> int:
                 if target is not None:
                     hammer = subprocess.Popen([sys.executable, __file__, "--hammer", str(target), str(args.seconds),
                                                str(args.clients), str(args.users)], stdout=subprocess.PIPE, text=True)
+                    if args.pin:
+                        pin(hammer.pid, 1)
                     time.sleep(0.5)  # the clients are connected and busy before the probe starts
                 results[phase] = asyncio.run(probe(ingest_port, redis_server.url, args.seconds))
                 slow[phase] = slowlog_since(client)

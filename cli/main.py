@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("analytics_pipeline.sidecar.cli", "run the ingest sidecar (HTTP on localhost, counts into Redis)"),
     "flush": ("analytics_pipeline.flusher.cli", "move Redis counters into PostgreSQL exactly once"),
     "migrate": ("analytics_pipeline.flusher.migrate", "create or upgrade the PostgreSQL schema (idempotent)"),
+    "deadletter": ("analytics_pipeline.flusher.deadletter_cli",
+                   "list, retry or discard flush units set aside after repeated failures"),
     "query": ("analytics_pipeline.query", "print counts, uniques and event types from the shell"),
     "operator": ("analytics_pipeline.operator.cli", "run the kopf operator for AnalyticsPipeline objects"),
     "demo": ("analytics_pipeline.demo", "run a local end-to-end demo: sidecar, events, flush, dashboard numbers"),

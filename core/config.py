@@ -33,6 +33,17 @@ DEFAULT_PIPELINE = "default/analytics"
 # "<namespace>/<name>", both DNS-1123 labels, as in Kubernetes.
 PIPELINE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
+# --- What PostgreSQL can index (issue 11, "no poison unit") -------------------------------------------
+# An event name and a user id end up together in B-tree keys (analytics_user_daily's primary key:
+# pipeline, day, user_id, event_type; analytics_user_last_seen's: pipeline, event_type, user_id). A
+# B-tree (version 4, 8 kB pages) refuses an index row over 2704 bytes, and a refused row fails its
+# whole flush unit. The worst row: an 8-byte tuple header, each of 4 columns with a 4-byte varlena
+# header and up to 3 bytes of alignment (a date is 4 bytes), a pipeline name of up to 317 bytes
+# (63 + "/" + 253, ASCII), rounded up to 8 bytes: so name + id must fit in 2704 - 8 - 4*7 - 317 - 7.
+BTREE_MAX_ROW_BYTES = 2704
+MAX_PIPELINE_BYTES = 317
+INDEX_KEY_BUDGET_BYTES = BTREE_MAX_ROW_BYTES - 8 - 4 * 7 - MAX_PIPELINE_BYTES - 7  # 2344: name + id, UTF-8
+
 ENV_CONFIG_FILE = "ANALYTICS_CONFIG"
 ENV_OVERRIDES = {"REDIS_URL": ("redis_url",), "DATABASE_URL": ("database_url",), "ANALYTICS_PIPELINE": ("pipeline",)}
 
@@ -90,12 +101,14 @@ class IngestConfig:
     max_event_bytes: int = limits(32 * 1024, ge=256, le=16 * 1024 * 1024)
     max_request_bytes: int = limits(500 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_batch_events: int = limits(2500, ge=1, le=100_000)
-    max_name_length: int = limits(128, ge=1, le=1024)
-    max_id_length: int = limits(256, ge=1, le=4096)
+    # In UTF-8 bytes (a CJK character is 3): name + id together at most INDEX_KEY_BUDGET_BYTES.
+    max_name_length: int = limits(128, ge=1, le=1024, doc="UTF-8 bytes of an event name")
+    max_id_length: int = limits(256, ge=1, le=4096, doc="UTF-8 bytes of a user id or message id")
     max_future_seconds: int = limits(300, ge=0, le=86400)
     # None means "the counter TTL": an older event would land in a bucket that may already be gone.
     max_past_seconds: int | None = limits(None, ge=60)
-    dedup_window_seconds: int = limits(86400, ge=0, le=30 * 86400, doc="0 disables message_id dedup")
+    # 12 h: the longest retry horizon of the SDKs people point at us (docs/http-api.md "Dedup").
+    dedup_window_seconds: int = limits(43200, ge=0, le=30 * 86400, doc="0 disables message_id dedup")
     # --- SDK compatibility (issue 10): how batches are accepted and which calls are counted ---------
     # False: a batch's valid events are counted and its invalid ones listed (200 with "rejected");
     # True: one invalid event refuses the whole request (400, nothing counted).
@@ -103,6 +116,14 @@ class IngestConfig:
     # Event types acknowledged (200) but not counted: Segment's identify/group/alias calls (counted
     # under those names when they carry no "event") and PostHog's person/group updates. [] counts all.
     uncounted_events: tuple[str, ...] = UNCOUNTED_EVENTS
+
+    def __post_init__(self) -> None:
+        indexed = self.max_name_length + self.max_id_length
+        if indexed > INDEX_KEY_BUDGET_BYTES:
+            raise _Invalid(("max_id_length",), f"max_name_length + max_id_length is {indexed} bytes, over the "
+                           f"{INDEX_KEY_BUDGET_BYTES} bytes PostgreSQL can index with them (a user id and an event "
+                           f"name share one B-tree row of at most {BTREE_MAX_ROW_BYTES} bytes); lower one of them",
+                           self.max_id_length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +153,10 @@ class FlushConfig:
     # Short, and extended every ttl/3 while a run lasts: a killed flusher blocks the next run briefly.
     lock_ttl_seconds: int = limits(60, ge=5, le=86400)
     statement_timeout_seconds: float = limits(60.0, gt=0, le=3600)
+    # --- Dead letters (docs/flush-protocol.md "Dead letters") -------------------------------------------
+    # A unit whose apply failed this many runs in a row is moved to analytics_dead_letter, so the rest of
+    # the pipeline flows; `analytics-pipeline deadletter retry|discard` settles it exactly once.
+    dead_letter_after_failures: int = limits(3, ge=1, le=1000, doc="failed runs before a unit is set aside")
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,11 @@ def _has_control(text: str) -> bool:
     return not text.isprintable()
 
 
+def _utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (limits are in bytes: what PostgreSQL indexes); no copy for ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 class EventValidator:
     """Validates request bodies against one config's limits."""
 
@@ -212,7 +217,7 @@ class EventValidator:
         if call_type is not None and (call_type.__class__ is not str or call_type not in _NAMED_TYPES):
             return None  # an implied event type ("page", ...) or a bad one: the detailed path
         name = get("event")
-        if (name.__class__ is not str or not name or len(name) > self.max_name_length or name.isspace()
+        if (name.__class__ is not str or not name or _utf8_len(name) > self.max_name_length or name.isspace()
                 or not name.isprintable()):
             return None
         limit = self.max_id_length
@@ -227,7 +232,7 @@ class EventValidator:
         if user is None:
             if properties.__class__ is dict and "distinct_id" in properties:
                 return None  # PostHog's properties.distinct_id
-        elif user.__class__ is not str or not user or len(user) > limit or not user.isprintable():
+        elif user.__class__ is not str or not user or _utf8_len(user) > limit or not user.isprintable():
             return None
         if properties is not None and properties.__class__ is not dict:
             return None
@@ -236,7 +241,7 @@ class EventValidator:
             message = get("messageId")
             if message is None:
                 message = get("uuid")
-        if message is not None and (message.__class__ is not str or not message or len(message) > limit
+        if message is not None and (message.__class__ is not str or not message or _utf8_len(message) > limit
                                     or not message.isprintable()):
             return None
         value = get("timestamp")
@@ -328,9 +333,9 @@ class EventValidator:
             errors.append(FieldError(index, field_name, f"must be a string, not {_json_type(value)}"))
         elif not value.strip():
             errors.append(FieldError(index, field_name, "must not be empty"))
-        elif len(value) > self.max_name_length:
-            errors.append(FieldError(index, field_name,
-                                     f"is {len(value)} characters, over the limit of {self.max_name_length}"))
+        elif _utf8_len(value) > self.max_name_length:
+            errors.append(FieldError(index, field_name, f"is {_utf8_len(value)} bytes in UTF-8, over the limit of "
+                                     f"{self.max_name_length} bytes"))
         elif _has_control(value):
             errors.append(FieldError(index, field_name, "must not contain control characters"))
         else:
@@ -347,9 +352,9 @@ class EventValidator:
                 errors.append(FieldError(index, prefix + name, f"must be a string, not {_json_type(value)}"))
             elif not value:
                 errors.append(FieldError(index, prefix + name, "must not be empty"))
-            elif len(value) > self.max_id_length:
-                errors.append(FieldError(index, prefix + name,
-                                         f"is {len(value)} characters, over the limit of {self.max_id_length}"))
+            elif _utf8_len(value) > self.max_id_length:
+                errors.append(FieldError(index, prefix + name, f"is {_utf8_len(value)} bytes in UTF-8, over the "
+                                         f"limit of {self.max_id_length} bytes"))
             elif _has_control(value):
                 errors.append(FieldError(index, prefix + name, "must not contain control characters"))
             else:

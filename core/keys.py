@@ -12,10 +12,13 @@ Live buckets are hashes, one per pipeline x granularity x time bucket:
 Bookkeeping keys:
 
     ap:{ns/name}:dirty           ZSET  bucket key -> ms when first written since its last claim
-    ap:{ns/name}:msg:<id>        STRING message_id dedup marker (EX = dedup window)
+    ap:{ns/name}:dd:<S>:<slice>:<hex>  HASH  message_id dedup shard: field = 12 bytes of the id's digest
+                                 (see sidecar/commit.lua; one EXPIREAT per shard, ~16 B per id)
+    ap:{ns/name}:msg:<id>        STRING pre-1.x message_id dedup marker: still honoured (read only)
     ap:{ns/name}:gc:<token>      STRING group-commit fence (makes an ambiguous write decidable)
     ap:{ns/name}:inflight        ZSET  flush unit id -> ms when claimed
     ap:{ns/name}:unit:<unit>     SET   staging keys claimed by that unit
+    ap:{ns/name}:unitfails       HASH  unit id -> failed applies so far (set aside at flush.dead_letter_after_failures)
     ap:{ns/name}:s:<unit>:<kind>:<bucket>   HASH  a claimed (staged) bucket
     ap:{ns/name}:claimseq        STRING counter bumped by every claim (queries use it as a seqlock)
     ap:{ns/name}:claimhold       ZSET  reader token -> expiry ms; while not empty the flusher does not claim
@@ -26,6 +29,7 @@ Bookkeeping keys:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
@@ -45,6 +49,11 @@ PIPELINES_SET = "ap:pipelines"
 
 _DAY_FORMAT = "%Y%m%d"
 _HOUR_FORMAT = "%Y%m%d%H"
+
+
+def message_digest(message_id: str) -> bytes:
+    """The 16-byte digest the dedup shards store instead of the id (4 bytes pick the shard, 12 are the field)."""
+    return hashlib.blake2b(message_id.encode(), digest_size=16).digest()
 
 
 def user_field(event_type: str, user_id: str) -> str:
@@ -129,7 +138,13 @@ class PipelineKeys:
         return f"{self.base}dirty"
 
     def message(self, message_id: str) -> str:
+        """The pre-1.x one-key-per-id dedup marker (only read now, until the old ones expire)."""
         return f"{self.base}msg:{message_id}"
+
+    @property
+    def dedup_prefix(self) -> str:
+        """Prefix of the message_id dedup shard hashes (``<prefix><slice s>:<slice>:<hex>``)."""
+        return f"{self.base}dd:"
 
     def group_commit(self, token: str) -> str:
         return f"{self.base}gc:{token}"
@@ -140,6 +155,11 @@ class PipelineKeys:
 
     def unit(self, unit_id: str) -> str:
         return f"{self.base}unit:{unit_id}"
+
+    @property
+    def unit_failures(self) -> str:
+        """Failed applies per in-flight unit (the flusher sets a unit aside after too many)."""
+        return f"{self.base}unitfails"
 
     def staging_prefix(self, unit_id: str) -> str:
         return f"{self.base}s:{unit_id}:"
@@ -173,6 +193,11 @@ class PipelineKeys:
         """A SCAN MATCH pattern for every key of this pipeline (tests and admin tools only)."""
         escaped = self.base.replace("{", "\\{").replace("}", "\\}")
         return f"{escaped}*"
+
+    @property
+    def dedup_scan_pattern(self) -> str:
+        """A SCAN MATCH pattern for this pipeline's dedup shards (tests, benchmarks, admin tools)."""
+        return self.scan_pattern[:-1] + "dd:*"
 
 
 def pipeline_from_key(key: str) -> str | None:

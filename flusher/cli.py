@@ -3,8 +3,9 @@
 Each run first recovers units a dead flusher left in flight, then claims dirty buckets in batches and
 writes each batch in one PostgreSQL transaction guarded by the flush ledger, then applies retention.
 Progress goes to stderr; the last stdout line is one JSON object (buckets, rows, duration_s,
-recovered_runs, oldest_unflushed_age_s, per-pipeline details). Exit 0 on success, 2 when Redis or
-PostgreSQL cannot be reached or the config is bad, 1 on any other failure.
+recovered_runs, oldest_unflushed_age_s, dead letters, per-pipeline details). Exit 0 on success, 2 when Redis
+or PostgreSQL cannot be reached or the config is bad, 3 when the run worked but dead-lettered units wait
+('analytics-pipeline deadletter list'), 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from .run import PipelineFlush, PipelineStats
 log = logging.getLogger("analytics_pipeline.flusher")
 
 REDIS_TIMEOUT_S = 10.0
+# Exit code of a run that worked but leaves dead-lettered units waiting (docs/flush-protocol.md "Dead
+# letters"): the Job fails, so the operator's lastFlush turns Failed and it posts a FlushFailed Warning.
+DEAD_LETTER_EXIT = 3
 
 
 def _positive_int(text: str) -> int:
@@ -78,6 +82,8 @@ def summarize(stats: list[PipelineStats], duration_s: float) -> dict[str, Any]:
         "oldest_unflushed_age_s": max((s.oldest_unflushed_age_s for s in stats), default=0.0),
         "unflushed_buckets": sum(s.unflushed_buckets for s in stats),
         "retention_deleted_rows": sum(s.retention_deleted_rows for s in stats),
+        "dead_lettered_units": sum(s.dead_lettered_units for s in stats),
+        "dead_letter_units": sum(s.dead_letter_units for s in stats),
         "locked_pipelines": [s.pipeline for s in stats if s.locked],
         "errors": errors,
         "pipelines": {s.pipeline: s.as_dict() for s in stats},
@@ -145,7 +151,10 @@ async def run_once(args: argparse.Namespace, config: Config, stop: asyncio.Event
             await client.aclose()
     summary = summarize(all_stats, time.monotonic() - started)
     summary["interrupted"] = stop.is_set()
-    return summary, max((s.exit_code for s in all_stats), default=0)
+    code = max((s.exit_code for s in all_stats), default=0)
+    if code == 0 and summary["dead_letter_units"]:
+        code = DEAD_LETTER_EXIT  # flushed, but units wait in the dead letters: the CronJob's Job shows Failed
+    return summary, code
 
 
 async def _push(gateway: str, stats: PipelineStats) -> None:
@@ -178,6 +187,9 @@ async def main_async(args: argparse.Namespace, config: Config) -> int:
         if summary.get("errors") or summary.get("error"):
             reason = summary.get("error") or "; ".join(f"{p}: {e}" for p, e in summary["errors"].items())
             print(f"analytics-pipeline flush: error: {reason}", file=sys.stderr, flush=True)
+        if summary.get("dead_letter_units"):
+            print(f"analytics-pipeline flush: {summary['dead_letter_units']} dead-lettered unit(s) wait: see "
+                  "'analytics-pipeline deadletter list', then 'retry' or 'discard' them", file=sys.stderr, flush=True)
         if not args.loop or stop.is_set():
             return code if not args.loop else 0
         with contextlib.suppress(TimeoutError):

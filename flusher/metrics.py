@@ -30,6 +30,10 @@ def registry_for(stats: PipelineStats) -> CollectorRegistry:
           "age of the oldest bucket still waiting in Redis after the last run", stats.oldest_unflushed_age_s)
     gauge("analytics_flush_unflushed_buckets", "dirty buckets waiting in Redis after the last run",
           stats.unflushed_buckets)
+    gauge("analytics_flush_dead_lettered_units", "units the last run set aside as dead letters",
+          stats.dead_lettered_units)
+    gauge("analytics_flush_dead_letter_units", "dead-lettered units waiting for 'deadletter retry' or 'discard'",
+          stats.dead_letter_units)
     gauge("analytics_flush_last_run_timestamp_seconds", "when the last run ended", time.time())
     if ok:
         gauge("analytics_flush_last_success_timestamp_seconds", "when a run last succeeded", time.time())

@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
 
-from . import faults
+from . import deadletter, faults
 from .errors import (
     POSTGRES_CONNECTION_ERRORS,
     REDIS_CONNECTION_ERRORS,
@@ -59,6 +60,8 @@ class PipelineStats:
     oldest_unflushed_age_s: float = 0.0
     unflushed_buckets: int = 0
     inflight_units: int = 0
+    dead_lettered_units: int = 0  # units this run set aside
+    dead_letter_units: int = 0  # dead letters of the pipeline waiting for `deadletter retry|discard`
     locked: bool = False
     lock_lost: bool = False
     interrupted: bool = False
@@ -125,6 +128,7 @@ class PipelineFlush:
             self.stats.locked = True
             log.info("pipeline %s: another flusher holds the lock; skipping", self.keys.pipeline)
             await self._report_backlog()
+            self.stats.dead_letter_units = await deadletter.count(self.conn, self.keys.pipeline)
             return
         extender = asyncio.create_task(self._keep_lock(token, ttl_ms)) if token else None
         try:
@@ -159,7 +163,7 @@ class PipelineFlush:
         # 1. recover units a dead (or concurrent) flusher left in flight
         recovered = await self.staging.inflight_units()
         for unit_id in recovered:
-            await self._process(unit_id)
+            await self._process(unit_id, recovered=True)
         self.stats.recovered_units = len(recovered)
         self.stats.recovered_runs = len({run_id_of(unit_id) for unit_id in recovered})
         if recovered:
@@ -187,6 +191,10 @@ class PipelineFlush:
             self.conn, self.keys.pipeline, self.config.flush.retention_days, await self.staging.inflight_units())
         await self._step("after_retention")
         await self._report_backlog()
+        self.stats.dead_letter_units = await deadletter.count(self.conn, self.keys.pipeline)
+        if self.stats.dead_letter_units:
+            log.warning("pipeline %s: %d dead-lettered unit(s) wait: see 'analytics-pipeline deadletter list'",
+                        self.keys.pipeline, self.stats.dead_letter_units)
 
     async def _claim(self, unit_id: str, limit: int) -> Claim:
         deadline = time.monotonic() + CLAIM_HOLD_WAIT_S
@@ -198,15 +206,23 @@ class PipelineFlush:
                     raise FlushError(f"queries held claims for more than {CLAIM_HOLD_WAIT_S:.0f}s") from None
                 await asyncio.sleep(0.01)
 
-    async def _process(self, unit_id: str) -> None:
+    async def _process(self, unit_id: str, *, recovered: bool = False) -> None:
         """Open → apply (one transaction, ledger-guarded, reading the unit in chunks) → clean up; the unit
-        stays in flight until cleanup."""
-        unit = await self.staging.open_unit(unit_id)  # its keys and sizes; counts are read chunk by chunk
-        await self._step("after_read")
-        result = await apply_unit(self.conn, self.keys.pipeline, unit_id, unit,
-                                  in_transaction=lambda: self._step("in_transaction"))
+        stays in flight until cleanup. A unit that keeps failing is set aside (:meth:`_unit_failed`)."""
+        try:
+            unit = await self.staging.open_unit(unit_id)  # its keys and sizes; counts are read chunk by chunk
+            await self._step("after_read")
+            result = await apply_unit(self.conn, self.keys.pipeline, unit_id, unit,
+                                      in_transaction=lambda: self._step("in_transaction"))
+        except Exception as error:
+            if not deadletter.is_unit_failure(error):
+                raise
+            await self._unit_failed(unit_id, error)
+            return
         await self._step("after_commit")
         await self.staging.cleanup(unit_id)
+        if recovered:  # only a unit left in flight by an earlier run can have failures on record
+            await deadletter.forget_failures(self.staging.client, self.keys, unit_id)
         await self._step("after_cleanup")
         if result.applied:
             self.stats.units += 1
@@ -219,6 +235,30 @@ class PipelineFlush:
             self._last_progress = now
             log.info("pipeline %s: %d units, %d buckets, %d rows flushed so far", self.keys.pipeline,
                      self.stats.units, self.stats.buckets, self.stats.rows)
+
+    async def _unit_failed(self, unit_id: str, error: Exception) -> None:
+        """Count a failed apply; below the limit the run stops with UnitFailed (the next run tries the unit
+        first again), at the limit the unit moves to the dead letters and the run goes on."""
+        pipeline = self.keys.pipeline
+        reason = describe(error)
+        try:
+            failures = await deadletter.count_failure(self.staging.client, self.keys, unit_id)
+        except redis.exceptions.ResponseError as refused:  # e.g. OOM: not counted, tried again next run
+            raise deadletter.UnitFailed(f"unit {unit_id} failed ({reason}); Redis refused to count the failure "
+                                        f"({describe(refused)})") from error
+        limit = self.config.flush.dead_letter_after_failures
+        if failures < limit:
+            raise deadletter.UnitFailed(f"unit {unit_id} failed ({failures} of {limit} runs before it is set "
+                                        f"aside as a dead letter): {reason}") from error
+        moved = await deadletter.move_unit(self.conn, pipeline, unit_id, await self.staging.open_unit(unit_id),
+                                           failures, reason)
+        await self.staging.cleanup(unit_id)
+        await deadletter.forget_failures(self.staging.client, self.keys, unit_id)
+        if moved:
+            self.stats.dead_lettered_units += 1
+            log.error("pipeline %s: unit %s failed %d runs and was set aside as a dead letter (%s); the pipeline "
+                      "goes on. Fix the cause, then 'analytics-pipeline deadletter retry %s' (or 'discard')",
+                      pipeline, unit_id, failures, reason, unit_id)
 
     async def _report_backlog(self) -> None:
         backlog = await self.staging.backlog()

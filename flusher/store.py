@@ -47,7 +47,8 @@ _LOCK_SQL = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, hashtext($1))"
 
 # Every table holding a pipeline's rows (rollups included), for whoever removes a pipeline's data.
 PIPELINE_TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_daily_uniques",
-                   "analytics_user_last_seen", "analytics_flush_ledger", "analytics_pipeline_retention")
+                   "analytics_user_last_seen", "analytics_flush_ledger", "analytics_dead_letter",
+                   "analytics_dead_letter_counts", "analytics_pipeline_retention")
 
 _TEMP_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS ap_flush_daily (event_type text, day date, count bigint) ON COMMIT DELETE ROWS;

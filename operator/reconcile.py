@@ -320,7 +320,9 @@ async def _reconcile_body(ctx: OperatorContext, body: dict[str, Any], why: str) 
         if flush["result"] == "Failed" and old_result != "Failed":
             kopf.warn(body, reason="FlushFailed",
                       message=f"the flusher run scheduled at {flush.get('scheduleTime')} did not succeed; "
-                              f"see: kubectl logs -n {namespace} -l {crd.LABEL_PIPELINE}={name} --tail=50")
+                              f"see: kubectl logs -n {namespace} -l {crd.LABEL_PIPELINE}={name} --tail=50 "
+                              "(exit code 3: it flushed, but units it set aside wait: "
+                              "'analytics-pipeline deadletter list', then 'retry' or 'discard')")
     if not ok:
         logger.warning("%s/%s: not ready (%s): %s", namespace, name, why, message)
     elif not actions:

@@ -44,11 +44,12 @@ DEFAULTS: dict[str, Any] = {
         "maxIdLength": 256,
         "maxFutureSeconds": 300,
         "maxPastSeconds": None,  # None: the counter TTL
-        "dedupWindowSeconds": 86400,
+        "dedupWindowSeconds": 43200,
         "allOrNothing": False,
         "uncountedEvents": list(UNCOUNTED_EVENTS),
     },
-    "flush": {"schedule": None, "interval": None, "batchSize": 1000, "retentionDays": 400},
+    "flush": {"schedule": None, "interval": None, "batchSize": 1000, "retentionDays": 400,
+              "deadLetterAfterFailures": 3},
     "suspend": False,
     "sidecar": {
         "image": None,  # None: the operator's --default-image
@@ -90,6 +91,7 @@ CONFIG_FIELDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("sidecar", "healthPort"): ("server", "health_port"),
     ("flush", "batchSize"): ("flush", "batch_size"),
     ("flush", "retentionDays"): ("flush", "retention_days"),
+    ("flush", "deadLetterAfterFailures"): ("flush", "dead_letter_after_failures"),
 }
 
 # Ranges of the spec fields that are not part of Config (Config's own fields are range-checked by Config).
@@ -115,6 +117,9 @@ QUANTITY = re.compile(
     r"^(?P<num>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
 _SUFFIX = {"": 1, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+# The flusher's exit code when dead-lettered units wait (analytics_pipeline.flusher.cli.DEAD_LETTER_EXIT).
+FLUSH_DEAD_LETTER_EXIT = 3
 
 
 class InvalidSpec(ValueError):
@@ -607,6 +612,11 @@ def render_cronjob(namespace: str, name: str, spec: Mapping[str, Any], schedule:
                 "metadata": {"labels": dict(pod_labels)},
                 "spec": {
                     "backoffLimit": _int(spec, "flusher", "backoffLimit"),
+                    # Exit 3: the flush worked but dead-lettered units wait (docs/flush-protocol.md "Dead
+                    # letters"): fail the Job at once (no backoff retries that would only flush again), so the
+                    # CronJob shows a failed run and the operator warns (FlushFailed) until they are settled.
+                    "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                        "containerName": "flusher", "operator": "In", "values": [FLUSH_DEAD_LETTER_EXIT]}}]},
                     "activeDeadlineSeconds": _int(spec, "flusher", "activeDeadlineSeconds"),
                     "template": {"metadata": {"labels": dict(pod_labels)}, "spec": pod_spec},
                 },

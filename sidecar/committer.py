@@ -31,7 +31,7 @@ from typing import Any
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.events import Event
-from analytics_pipeline.core.keys import PIPELINES_SET, USER_FIELD_SEPARATOR, PipelineKeys
+from analytics_pipeline.core.keys import PIPELINES_SET, USER_FIELD_SEPARATOR, PipelineKeys, message_digest
 
 from .buckets import BucketKeyCache, hour_number
 from .metrics import SidecarMetrics
@@ -85,7 +85,7 @@ class _Plan:
     """Keys and arguments of one EVALSHA, plus which request owns each deduplicated event."""
 
     keys: list[str]
-    args: list[str | int]
+    args: list[str | int | bytes]
     msg_owner: list[int]
     events: int
 
@@ -242,7 +242,7 @@ class GroupCommitter:
         bucket_fields: list[dict[str, int]] = []  # summed increments, per bucket
         hour_slots: dict[int, tuple[Any, ...]] = {}
         msg_keys: list[str] = []
-        msg_args: list[str | int] = []
+        msg_args: list[str | int | bytes] = []
         msg_owner: list[int] = []
         total = 0
 
@@ -286,6 +286,7 @@ class GroupCommitter:
                     if u_fields is not None and user is not None:
                         incs += (u_number, f"{name}{separator}{user}")
                     msg_keys.append(message_key(event.message_id))
+                    msg_args.append(message_digest(event.message_id))
                     msg_args.append(len(incs) // 2)
                     msg_args += incs
                     msg_owner.append(owner)
@@ -297,7 +298,8 @@ class GroupCommitter:
                 if u_fields is not None and user is not None:
                     field = f"{name}{separator}{user}"
                     u_fields[field] = u_fields.get(field, 0) + 1
-        args: list[str | int] = [s.ttl_seconds, s.dedup_window_seconds or 1, len(done_tokens), len(bucket_keys)]
+        args: list[str | int | bytes] = [s.ttl_seconds, s.dedup_window_seconds or 1, len(done_tokens), len(bucket_keys),
+                                         self.keys.dedup_prefix]
         for fields in bucket_fields:  # per bucket: how many summed fields, then field, increment, ...
             args.append(len(fields))
             for pair in fields.items():

@@ -11,6 +11,7 @@ from analytics_pipeline.core.config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_PIPELINE,
     DEFAULT_REDIS_URL,
+    INDEX_KEY_BUDGET_BYTES,
     ConfigError,
     load_config,
     parse_config,
@@ -27,7 +28,7 @@ def test_defaults() -> None:
     assert config.counters.ttl_seconds == 7 * 86400
     assert config.ingest.max_event_bytes == 32 * 1024 and config.ingest.max_request_bytes == 500 * 1024
     assert config.ingest.max_batch_events == 2500 and config.ingest.max_name_length == 128
-    assert config.ingest.dedup_window_seconds == 86400
+    assert config.ingest.dedup_window_seconds == 43200
     assert config.max_past_seconds == config.counters.ttl_seconds
 
 
@@ -132,3 +133,17 @@ def test_replace_validates_and_as_dict_round_trips() -> None:
     assert error.value.key == ("pipeline",) and "<namespace>/<name>" in error.value.reason
     assert parse_config(config.as_dict()) == config
     assert config.as_dict()["counters"]["granularities"] == ["daily", "hourly", "user_daily"]
+
+
+def test_name_and_id_limits_must_fit_a_postgresql_btree_row() -> None:
+    # bytes, not characters: name + id share analytics_user_daily's primary key (at most 2704 bytes a row)
+    assert parse_config({"ingest": {"max_id_length": 2000}}).ingest.max_id_length == 2000
+    assert INDEX_KEY_BUDGET_BYTES == 2344
+    edge = parse_config({"ingest": {"max_name_length": 128, "max_id_length": INDEX_KEY_BUDGET_BYTES - 128}})
+    assert edge.ingest.max_id_length == 2216
+    with pytest.raises(ConfigError) as error:
+        parse_config({"ingest": {"max_id_length": 4096}})
+    assert error.value.key == ("ingest", "max_id_length")
+    assert "4224 bytes, over the 2344 bytes PostgreSQL can index" in str(error.value)
+    with pytest.raises(ConfigError, match="max_name_length \\+ max_id_length"):
+        parse_config({"ingest": {"max_name_length": 1024, "max_id_length": 1400}})

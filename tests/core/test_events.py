@@ -113,7 +113,7 @@ def test_limits() -> None:
     assert rejected(validator, b"[" + b" " * 1100 + b"]").status == 413
     big = rejected(validator, [{"event": "a"}, {"event": "a", "properties": {"x": "y" * 300}}])
     assert big.status == 413 and big.errors[0].index == 1 and "256-byte" in big.errors[0].reason
-    assert rejected(validator, {"event": "abcdef"}).errors[0].reason == "is 6 characters, over the limit of 5"
+    assert rejected(validator, {"event": "abcdef"}).errors[0].reason == "is 6 bytes in UTF-8, over the limit of 5 bytes"
     assert rejected(validator, {"event": "a", "uuid": "abcd"}).errors[0].field == "uuid"
     assert parse(validator, {"event": "abcde", "user_id": "abc"})[0].user_id == "abc"
 

@@ -27,7 +27,8 @@ from analytics_pipeline.sidecar.server import serve
 DOCS = REPO / "docs" / "kubernetes.md"
 MARKER = "-- analytics-pipeline database roles"
 TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_user_last_seen",
-          "analytics_daily_uniques", "analytics_flush_ledger", "analytics_pipeline_retention")
+          "analytics_daily_uniques", "analytics_flush_ledger", "analytics_dead_letter",
+          "analytics_dead_letter_counts", "analytics_pipeline_retention")
 
 
 def documented_sql() -> tuple[str, str]:

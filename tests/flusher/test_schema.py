@@ -26,7 +26,8 @@ from analytics_pipeline.flusher.migrate import (
 from analytics_pipeline.flusher.partitions import months_ahead, partition_name
 
 EXPECTED_TABLES = {"analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger",
-                   "analytics_daily_uniques", "analytics_user_last_seen", "analytics_pipeline_retention"}
+                   "analytics_daily_uniques", "analytics_user_last_seen", "analytics_dead_letter",
+                   "analytics_dead_letter_counts", "analytics_pipeline_retention"}
 
 
 def test_installed_package_reads_the_repository_schema() -> None:
@@ -83,5 +84,29 @@ async def test_migrations_idempotent_and_concurrent(schema: str) -> None:
     finally:
         for conn in conns:
             await conn.close()
+        await admin.execute(f"DROP SCHEMA {namespace} CASCADE")  # our own throwaway schema only
+        await admin.close()
+
+
+async def test_upgrade_from_a_schema_without_dead_letters_adds_them(schema: str) -> None:
+    """A database migrated by the previous release (schema.sql up to the dead letters) gets the two tables
+    and their index from `migrate`, keeps its rows, and a second migrate changes nothing."""
+    full = schema_sql()
+    previous = full[: full.index("-- Dead letters")]
+    namespace = f"ap_upgrade_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(schema)
+    await admin.execute(f"CREATE SCHEMA {namespace}")
+    conn = await asyncpg.connect(schema, server_settings={"search_path": namespace})
+    try:
+        await conn.execute(previous)
+        await conn.execute("INSERT INTO analytics_flush_ledger (pipeline, unit_id, run_id, batch, buckets, rows) "
+                           "VALUES ('t/x', 'r-00001', 'r', 1, 1, 1)")
+        created = await apply_schema(conn)
+        assert created == [("table", "analytics_dead_letter"), ("table", "analytics_dead_letter_counts"),
+                           ("index", "analytics_dead_letter_counts_unit")]
+        assert await apply_schema(conn) == []
+        assert await conn.fetchval("SELECT count(*) FROM analytics_flush_ledger") == 1
+    finally:
+        await conn.close()
         await admin.execute(f"DROP SCHEMA {namespace} CASCADE")  # our own throwaway schema only
         await admin.close()

@@ -90,7 +90,7 @@ def test_name_too_long_for_a_cronjob_is_refused() -> None:
 
 def test_configmap_is_loadable_by_the_sidecars_loader_and_has_no_secrets(tmp_path: Path) -> None:
     spec = {**copy.deepcopy(MINIMAL), "ingest": {"maxBatchEvents": 10, "maxPastSeconds": 7200},
-            "sidecar": {"port": 9000}, "flush": {"retentionDays": 30}}
+            "sidecar": {"port": 9000}, "flush": {"retentionDays": 30, "deadLetterAfterFailures": 5}}
     desired = render.desired_state("shop", "checkout", spec, default_image="img:1")
     path = tmp_path / crd.CONFIG_KEY
     path.write_text(desired.configmap["data"][crd.CONFIG_KEY], encoding="utf-8")
@@ -99,6 +99,7 @@ def test_configmap_is_loadable_by_the_sidecars_loader_and_has_no_secrets(tmp_pat
     assert config.pipeline == "shop/checkout" and config.ingest.max_batch_events == 10
     assert config.server.port == 9000 and config.server.host == "127.0.0.1" and config.flush.retention_days == 30
     assert (config.server.health_host, config.server.health_port) == ("0.0.0.0", 8788)
+    assert config.flush.dead_letter_after_failures == 5
     assert "redis_url" not in yaml.safe_load(path.read_text()) and "database_url" not in path.read_text()
 
 
@@ -177,6 +178,17 @@ def test_children_are_valid_kubernetes_objects(version: str) -> None:
            "spec": {"containers": [{"name": "app", "image": "app:1"}, *snippet["containers"]],
                     "volumes": snippet["volumes"]}}
     kubernetes_validate.validate(pod, version, strict=True)
+
+
+def test_a_flush_leaving_dead_letters_fails_its_job_at_once() -> None:
+    # exit 3 (flushed, but set-aside units wait): no backoff retries; the CronJob records a failed run,
+    # which the operator reports as lastFlush.result Failed and a FlushFailed Warning Event
+    from analytics_pipeline.flusher.cli import DEAD_LETTER_EXIT
+
+    job = render.desired_state("ns", "web", MINIMAL, default_image="i").cronjob["spec"]["jobTemplate"]["spec"]
+    assert job["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
+        "containerName": "flusher", "operator": "In", "values": [DEAD_LETTER_EXIT]}}]}
+    assert job["template"]["spec"]["restartPolicy"] == "Never"  # what podFailurePolicy requires
 
 
 def sidecar_of(desired: render.Desired) -> dict[str, Any]:

@@ -214,3 +214,20 @@ async def test_gzip_body_is_accepted_and_corrupt_gzip_refused(
     bad = await sidecar.post("/v1/batch", raw=b"\x1f\x8bnot really gzip", headers={"Content-Encoding": "gzip"})
     assert 400 <= bad.status < 500
     assert await redis_client.hgetall(keys.daily(datetime.now(UTC))) == {"zipped": "1"}
+
+
+async def test_id_limits_are_utf8_bytes_so_a_2000_character_cjk_user_id_is_refused(
+        start_sidecar: SidecarFactory, sidecar_config, redis_client: aioredis.Redis, keys: PipelineKeys) -> None:
+    # Issue 11 case 3: with max_id_length raised to 2000, 2,000 CJK characters (6,000 bytes) once passed and
+    # then failed every flush (index row size 6040 exceeds btree version 4 maximum 2704).
+    sidecar = await start_sidecar(sidecar_config(ingest={"max_id_length": 2000}))
+    cjk = "".join(chr(0x4E00 + (n * 7919) % 20000) for n in range(2000))
+    refused = await sidecar.post("/v1/events", {"event": "a", "user_id": cjk})
+    assert refused.status == 400, refused.body
+    assert refused.body["errors"] == [{"index": 0, "field": "user_id",
+                                       "reason": "is 6000 bytes in UTF-8, over the limit of 2000 bytes"}]
+    name = await sidecar.post("/v1/events", {"event": "事" * 43, "message_id": "m"})  # 129 bytes > 128
+    assert name.status == 400 and "129 bytes in UTF-8" in name.body["errors"][0]["reason"]
+    await _assert_nothing_counted(redis_client, keys)
+    fits = await sidecar.post("/v1/events", {"event": "a", "user_id": cjk[:666]})  # 1998 bytes
+    assert fits.status == 200 and fits.body == {"accepted": 1, "duplicates": 0}, fits.body
