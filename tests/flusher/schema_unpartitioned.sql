@@ -1,4 +1,4 @@
--- FROZEN: schema.sql as it was before partitioning (main at 919a44c), kept verbatim: what existing
+-- FROZEN: schema.sql as it was before partitioning (main at 6261903), kept verbatim: what existing
 -- databases hold. tests/flusher/test_partitions.py fills a database with it and converts it.
 -- analytics-pipeline PostgreSQL schema, applied by `analytics-pipeline migrate` (idempotent).
 --
@@ -149,3 +149,29 @@ CREATE TABLE IF NOT EXISTS analytics_flush_ledger (
 );
 -- Ledger retention and "last flush" lookups.
 CREATE INDEX IF NOT EXISTS analytics_flush_ledger_pipeline_applied ON analytics_flush_ledger (pipeline, applied_at);
+
+-- Dead letters (docs/flush-protocol.md "Dead letters"): a flush unit that failed
+-- flush.dead_letter_after_failures times is moved here, with its error, so the pipeline's other units
+-- keep flowing. Its ledger row is written in the same transaction (a later re-apply of the unit from
+-- Redis is a no-op); `analytics-pipeline deadletter retry` applies the counts and deletes the rows in
+-- one transaction, `discard` deletes them. The counts table has no unique index over its text columns:
+-- whatever made the unit fail (a value PostgreSQL cannot index, say) can be stored here.
+CREATE TABLE IF NOT EXISTS analytics_dead_letter (
+    pipeline    text        NOT NULL,
+    unit_id     text        NOT NULL,
+    failures    integer     NOT NULL,
+    error       text        NOT NULL,
+    buckets     integer     NOT NULL,
+    counters    bigint      NOT NULL,
+    dead_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pipeline, unit_id)
+);
+CREATE TABLE IF NOT EXISTS analytics_dead_letter_counts (
+    pipeline    text   NOT NULL,
+    unit_id     text   NOT NULL,
+    kind        text   NOT NULL,   -- d (daily), h (hourly), u (per user): as in the Redis key layout
+    bucket      text   NOT NULL,   -- YYYYMMDD or YYYYMMDDHH
+    field       text   NOT NULL,   -- event type, or event type + U+001F + user id
+    count       bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS analytics_dead_letter_counts_unit ON analytics_dead_letter_counts (pipeline, unit_id);
