@@ -12,7 +12,7 @@ SELECT pg_advisory_xact_lock(7335046153962100001);
 
 -- Partitioning: analytics_daily, analytics_hourly and analytics_user_daily are range-partitioned by
 -- month on their time column (every primary key contains it). Their partitions (<table>_pYYYYMM, no
--- DEFAULT partition) are created by `migrate` (this month and a few ahead) and by the flusher before it
+-- DEFAULT partition) are created by `migrate` (last month, this month and two ahead) and by the flusher before it
 -- writes a month; retention drops whole partitions. See docs/flush-protocol.md ("Partitions") and
 -- flusher/partitions.py. A database created before partitioning is converted by `migrate`.
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # partitioned table -> its partition column
 PARTITIONED: dict[str, str] = {"analytics_daily": "day", "analytics_hourly": "hour", "analytics_user_daily": "day"}
 TABLE_OF_KIND = {"d": "analytics_daily", "h": "analytics_hourly", "u": "analytics_user_daily"}
-# How many months after the current one `migrate` and every flush run keep ready.
+# How many months after the current one `migrate` and every flush run keep ready (the previous one too).
 MONTHS_AHEAD = 2
 # The key schema.sql's `SELECT pg_advisory_xact_lock(...)` takes: partition DDL and migrations serialise.
 SCHEMA_LOCK_KEY = 7335046153962100001
@@ -48,8 +48,9 @@ def partition_name(table: str, month: date) -> str:
 
 
 def months_ahead(today: date, ahead: int = MONTHS_AHEAD) -> list[Partition]:
-    """This month and ``ahead`` following ones, for every partitioned table."""
-    months = [month_start(today)]
+    """The previous month (late buckets of yesterday on the 1st), this month and ``ahead`` following ones,
+    for every partitioned table."""
+    months = [month_start(month_start(today) - timedelta(days=1)), month_start(today)]
     for _ in range(ahead):
         months.append(next_month(months[-1]))
     return [(table, month) for table in PARTITIONED for month in months]

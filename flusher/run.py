@@ -157,7 +157,7 @@ class PipelineFlush:
                 log.warning("pipeline %s: could not extend the lock: %s", self.keys.pipeline, describe(error))
 
     async def _protocol(self) -> None:
-        # 0. this month's and the next months' partitions (one catalog query when they exist; the months a
+        # 0. last month's, this month's and the next months' partitions (one catalog query when they exist; the months a
         #    unit writes are ensured again before it applies: late or old timestamps)
         await ensure_partitions(self.conn, months_ahead(datetime.now(UTC).date()))
         # 1. recover units a dead (or concurrent) flusher left in flight
