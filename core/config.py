@@ -137,6 +137,13 @@ class ServerConfig:
     redis_timeout_seconds: float = limits(2.0, gt=0, le=60)
     retry_after_seconds: int = limits(1, ge=1, le=3600)
     shutdown_timeout_seconds: float = limits(20.0, gt=0, le=600)
+    # HTTP connection hygiene (aiohttp's defaults keep an idle connection 3,630 s and wait forever for
+    # headers): an idle keep-alive connection is closed after this long, and a request whose line and
+    # headers have not all arrived this long after its first byte is answered 408 and closed.
+    keepalive_timeout_seconds: float = limits(75.0, gt=0, le=3600)
+    header_timeout_seconds: float = limits(10.0, gt=0, le=600)
+    # A malformed request (bad HTTP, not bad events) is logged on one line, at most this many a minute.
+    bad_request_logs_per_minute: int = limits(10, ge=0, le=10_000)
     # --- The probe listener (Kubernetes): a second address serving ONLY /healthz, /readyz and /metrics, so
     # the kubelet and Prometheus reach the sidecar on the pod IP while ingest, queries and the dashboard stay
     # on `host` (loopback). None = no second listener (outside Kubernetes; the main one serves all routes).
@@ -157,6 +164,19 @@ class FlushConfig:
     # A unit whose apply failed this many runs in a row is moved to analytics_dead_letter, so the rest of
     # the pipeline flows; `analytics-pipeline deadletter retry|discard` settles it exactly once.
     dead_letter_after_failures: int = limits(3, ge=1, le=1000, doc="failed runs before a unit is set aside")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """What sidecar and flusher require of Redis and how they keep headroom (README 'Redis requirements')."""
+
+    # Any maxmemory-policy but noeviction can silently drop acked counts or dedup keys: readiness fails
+    # and the flusher exits non-zero unless this says the risk is accepted.
+    allow_eviction: bool = False
+    # The sidecar answers 503 once used_memory reaches this share of maxmemory, so that Redis never
+    # refuses writes and the flusher (which frees memory) always has room to run.
+    memory_high_water_ratio: float = limits(0.9, gt=0, le=1)
+    memory_check_interval_seconds: float = limits(1.0, ge=0.05, le=60, doc="how often INFO memory is sampled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +203,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     flush: FlushConfig = field(default_factory=FlushConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
     queries: QueryConfig = field(default_factory=QueryConfig)
 
     def __post_init__(self) -> None:

@@ -19,14 +19,24 @@ import sys
 import time
 from typing import Any
 
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from analytics_pipeline.core.config import Config, ConfigError, load_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
+from analytics_pipeline.core.redis_requirements import PolicyCheck, check_policy, unchecked
 
 from .db import connect
-from .errors import POSTGRES_CONNECTION_ERRORS, REDIS_CONNECTION_ERRORS, FlushError, ServiceUnreachable, describe
+from .errors import (
+    POSTGRES_CONNECTION_ERRORS,
+    REDIS_CONNECTION_ERRORS,
+    FlushError,
+    RedisMisconfigured,
+    ServiceUnreachable,
+    describe,
+)
 from .migrate import apply_schema
 from .run import PipelineFlush, PipelineStats
 
@@ -111,27 +121,48 @@ def _valid(name: str) -> bool:
     return True
 
 
+async def check_redis_policy(client: aioredis.Redis, config: Config) -> PolicyCheck:
+    """Read ``maxmemory-policy`` (every run: a ``--loop`` flusher reconnects each time); RedisMisconfigured
+    when it evicts and the config does not allow it, a warning when it cannot be read."""
+    try:
+        check = check_policy(await client.config_get("maxmemory-policy"), allowed=config.redis.allow_eviction)
+    except REDIS_CONNECTION_ERRORS:
+        raise
+    except redis.exceptions.ResponseError as error:  # NOPERM, unknown/renamed command (managed Redis)
+        check = unchecked(describe(error), allowed=config.redis.allow_eviction)
+    if check.problem:
+        raise RedisMisconfigured(check.problem)
+    if check.warning:
+        log.warning("%s", check.warning)
+    return check
+
+
 async def run_once(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> tuple[dict[str, Any], int]:
     """One run over the selected pipelines; returns the summary and the exit code."""
     started = time.monotonic()
     client = aioredis.Redis.from_url(config.redis_url, socket_timeout=REDIS_TIMEOUT_S,
                                      socket_connect_timeout=REDIS_TIMEOUT_S)
     conn = None
+    all_stats: list[PipelineStats] = []
     try:
         try:
             await client.ping()
+            policy = await check_redis_policy(client, config)
             pipelines = await _pipelines(args, config, client)
         except REDIS_CONNECTION_ERRORS as error:
             raise ServiceUnreachable(f"Redis unreachable: {describe(error)}") from error
+        except redis.exceptions.RedisError as error:
+            raise FlushError(f"Redis refused a command: {describe(error)}") from error
         conn = await connect(config, "analytics-pipeline flush")
         if args.migrate:
             try:
                 created = await apply_schema(conn)
             except POSTGRES_CONNECTION_ERRORS as error:
                 raise ServiceUnreachable(f"PostgreSQL unreachable: {describe(error)}") from error
+            except asyncpg.PostgresError as error:
+                raise FlushError(f"migrate: PostgreSQL refused the schema: {describe(error)}") from error
             for kind, name in created:
                 log.info("migrate: created %s %s", kind, name)
-        all_stats = []
         for name in pipelines:
             if stop.is_set():
                 break
@@ -142,7 +173,7 @@ async def run_once(args: argparse.Namespace, config: Config, stop: asyncio.Event
             log.info("pipeline %s: %d buckets, %d rows in %.2fs; oldest unflushed %.1fs", name, stats.buckets,
                      stats.rows, stats.duration_s, stats.oldest_unflushed_age_s)
             if args.pushgateway:
-                await _push(args.pushgateway, stats)
+                await _push(args.pushgateway, stats, policy)
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -151,17 +182,18 @@ async def run_once(args: argparse.Namespace, config: Config, stop: asyncio.Event
             await client.aclose()
     summary = summarize(all_stats, time.monotonic() - started)
     summary["interrupted"] = stop.is_set()
+    summary["redis_maxmemory_policy"] = policy.policy  # null: CONFIG GET refused (see the warning)
     code = max((s.exit_code for s in all_stats), default=0)
     if code == 0 and summary["dead_letter_units"]:
         code = DEAD_LETTER_EXIT  # flushed, but units wait in the dead letters: the CronJob's Job shows Failed
     return summary, code
 
 
-async def _push(gateway: str, stats: PipelineStats) -> None:
+async def _push(gateway: str, stats: PipelineStats, policy: PolicyCheck) -> None:
     from .metrics import push
 
     try:
-        await push(gateway, stats)
+        await push(gateway, stats, policy)
     except Exception as error:  # metrics are best effort: never fail a flush over them
         log.warning("pushgateway %s: %s", gateway, describe(error))
 
@@ -183,6 +215,14 @@ async def main_async(args: argparse.Namespace, config: Config) -> int:
             summary, code = await run_once(args, config, stop)
         except FlushError as error:
             summary, code = {"ok": False, "error": str(error)}, error.exit_code
+        except REDIS_CONNECTION_ERRORS as error:
+            summary, code = {"ok": False, "error": f"Redis unreachable: {describe(error)}"}, 2
+        except redis.exceptions.RedisError as error:
+            summary, code = {"ok": False, "error": f"Redis refused a command: {describe(error)}"}, 1
+        except POSTGRES_CONNECTION_ERRORS as error:
+            summary, code = {"ok": False, "error": f"PostgreSQL unreachable: {describe(error)}"}, 2
+        except asyncpg.PostgresError as error:
+            summary, code = {"ok": False, "error": f"PostgreSQL: {describe(error)}"}, 1
         _emit(summary)
         if summary.get("errors") or summary.get("error"):
             reason = summary.get("error") or "; ".join(f"{p}: {e}" for p, e in summary["errors"].items())

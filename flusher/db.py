@@ -26,6 +26,8 @@ async def connect(config: Config, application_name: str = "analytics-pipeline") 
             server_settings=server_settings(config, application_name))
     except POSTGRES_CONNECTION_ERRORS as error:
         raise ServiceUnreachable(f"PostgreSQL unreachable: {describe(error)}") from error
+    except asyncpg.PostgresError as error:  # wrong password, no such database or role, too many clients
+        raise ServiceUnreachable(f"PostgreSQL refused the connection: {describe(error)}") from error
 
 
 async def create_pool(config: Config, application_name: str, *, max_size: int = 4) -> asyncpg.Pool:

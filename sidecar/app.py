@@ -29,6 +29,7 @@ from .ingest import setup_ingest_routes
 from .metrics import SidecarMetrics
 from .query_routes import setup_query_routes
 from .redis_client import lazy_redis
+from .redis_watch import setup_redis_watch
 from .reload import ConfigWatcher
 from .state import SidecarState
 
@@ -87,6 +88,7 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     app[STATE] = state
     app[REGISTRY] = metrics.registry
     app[REDIS] = lazy_redis(config.redis_url, timeout)  # redis-py is loaded by the first read request
+    setup_redis_watch(app)
     setup_ingest_routes(app)
     with _guarding_routes(app):
         setup_health_routes(app)

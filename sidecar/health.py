@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .appkeys import REGISTRY, STATE
+from .redis_watch import REDIS_WATCH
 from .resp import RespConnection
 
 
@@ -56,7 +57,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready to take events: config loaded, Redis answers PING, not draining; 503 otherwise."""
+    """Ready to take events: config loaded, Redis answers PING with maxmemory-policy noeviction (or
+    eviction allowed) and memory under the high-water mark, not draining; 503 otherwise."""
     state = request.app[STATE]
     body: dict[str, object] = {"pipeline": state.config.pipeline}
     if state.draining:
@@ -65,6 +67,9 @@ async def readyz(request: web.Request) -> web.Response:
         await request.app[PROBE].ping(state.config.redis_url, state.config.server.redis_timeout_seconds)
     except Exception as error:
         return _json(503, {**body, "status": "unavailable", "reason": f"Redis does not answer: {error!r}"})
+    problem = request.app[REDIS_WATCH].problem()
+    if problem is not None:
+        return _json(503, {**body, "status": problem[0], "reason": problem[1]})
     return _json(200, {**body, "status": "ready"})
 
 

@@ -152,6 +152,9 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
         rejected: list[FieldError] = []
         not_counted = 0
         try:
+            if state.redis_full:  # headroom for the flusher: refuse before Redis has to (a flag, no I/O)
+                return unavailable(state, "redis_full", "Redis memory is over redis.memory_high_water_ratio "
+                                   "of maxmemory until the flusher frees some")
             validator = state.validator
             limit = validator.max_request_bytes
             headers = request.headers

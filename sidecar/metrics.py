@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from analytics_pipeline.core.events import Event, FieldError
 
 REFUSAL_REASONS = ("invalid_json", "invalid_events", "invalid_request", "unreadable_body", "payload_too_large",
-                   "unsupported_media_type", "unsupported_encoding", "redis_unavailable", "overloaded",
+                   "unsupported_media_type", "unsupported_encoding", "redis_unavailable", "redis_full", "overloaded",
                    "internal_error")
 AMBIGUOUS_OUTCOMES = ("applied", "fenced", "unknown")
 # Why one event of a partly accepted batch was rejected (label of events_rejected_total).

@@ -15,6 +15,8 @@ from aiohttp import web
 
 from analytics_pipeline.core.config import Config
 
+from .connections import make_runner
+
 log = logging.getLogger("analytics_pipeline.sidecar")
 
 PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
@@ -41,7 +43,9 @@ async def start_probe_listener(main: web.Application, config: Config) -> web.App
     server = config.server
     if server.health_port is None:
         return None
-    runner = web.AppRunner(create_probe_app(main), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    # The same connection timeouts and quiet bad-request logs as the main listener: this one faces the pod network.
+    runner = make_runner(create_probe_app(main), server, access_log=None, handle_signals=False,
+                         shutdown_timeout=1.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, server.health_host, server.health_port).start()

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 # Changing these needs a restart (new connections, new socket, new key space).
 RESTART_KEYS = ("pipeline", "redis_url", "server.host", "server.port", "server.redis_timeout_seconds",
-                "server.health_host", "server.health_port")
+                "server.keepalive_timeout_seconds", "server.header_timeout_seconds",
+                "server.bad_request_logs_per_minute", "server.health_host", "server.health_port")
 
 
 def _digest(path: Path) -> str | None:

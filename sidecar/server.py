@@ -14,6 +14,7 @@ from analytics_pipeline.core.net import is_loopback
 
 from .app import create_app
 from .appkeys import STATE
+from .connections import make_runner
 from .probe_listener import start_probe_listener
 
 log = logging.getLogger("analytics_pipeline.sidecar")
@@ -27,8 +28,8 @@ async def serve(config: Config, *, config_path: str | os.PathLike[str] | None = 
         log.warning("listening on non-loopback address %s: anyone who can reach it can write events; "
                     "a sidecar normally binds 127.0.0.1", server.host, extra={"host": server.host})
     app = create_app(config, config_path=config_path)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=server.shutdown_timeout_seconds)
+    runner = make_runner(app, server, access_log=None, handle_signals=False,
+                         shutdown_timeout=server.shutdown_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, backlog=1024)
     try:

@@ -22,6 +22,7 @@ class SidecarState:
     metrics: SidecarMetrics
     in_flight: int = 0
     draining: bool = False
+    redis_full: bool = False  # Redis above redis.memory_high_water_ratio (sidecar/redis_watch.py): ingest 503s
     started: float = field(default_factory=time.time)
 
     def apply(self, config: Config) -> None:

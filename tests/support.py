@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from analytics_pipeline.core.config import Config, parse_config
-from analytics_pipeline.core.services import free_port
+from analytics_pipeline.core.services import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,3 +93,21 @@ async def run_cli_async(args: Sequence[str], env: dict[str, str], limit_s: float
     stdout, stderr = await asyncio.wait_for(process.communicate(), limit_s)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
+
+
+@contextlib.contextmanager
+def throwaway_redis(folder: Path, *args: str) -> Iterator[RedisServer]:
+    """A redis-server of one test with extra options (``--maxmemory``, ``--maxmemory-policy``, ``--rename-command``):
+    the place for settings that must never be CONFIG SET on the shared Redis."""
+    server = RedisServer(folder / "redis", extra_args=args).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fresh_ttls(ttl_seconds: int, since: float) -> range:
+    """The TTLs (whole seconds) a key given ``ttl_seconds`` after ``time.monotonic()`` was ``since`` can show now:
+    the time the test really took widens the window, so a slow or loaded machine does not fail the check."""
+    elapsed = math.ceil(time.monotonic() - since)
+    return range(ttl_seconds - elapsed - 1, ttl_seconds + 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +278,6 @@ def test_box_table_aligns_numbers_right() -> None:
 
 
 def test_timestamps_are_never_in_the_future() -> None:
-    now = datetime.now(UTC)
     plan = build_plan(500, 50, seed=1)
-    assert all(e.timestamp <= now + timedelta(seconds=1) for e in plan.events)
+    after = datetime.now(UTC)  # taken after the plan: however long building it took, nothing is later
+    assert all(e.timestamp <= after for e in plan.events)

@@ -111,10 +111,23 @@ async def test_concurrent_loads_share_one_read(data):
 
     app = web.Application()
     dashboard.setup_dashboard(app, slow, reuse_seconds=0)
+    loader = app[dashboard.DASHBOARD_LOADER]
+    load, joined, all_joined = loader.load, 0, asyncio.Event()
+
+    async def counted(app: web.Application) -> DashboardData:
+        nonlocal joined
+        joined += 1
+        if joined == 5:
+            all_joined.set()
+        return await load(app)
+
+    loader.load = counted  # type: ignore[method-assign]
     async with TestClient(TestServer(app)) as client:
         pending = [asyncio.create_task(client.get("/")) for _ in range(5)]
         await asyncio.wait_for(started.wait(), 10)
-        await asyncio.sleep(0.2)  # the other four requests reach the handler while the read is running
+        # All five joined the read while it runs: waited for, not guessed with a sleep (a loaded machine
+        # could take longer than any fixed delay to get the other four requests to the handler).
+        await asyncio.wait_for(all_joined.wait(), 30)
         release.set()
         assert [r.status for r in await asyncio.gather(*pending)] == [200] * 5
         assert calls == 1

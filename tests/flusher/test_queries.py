@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
@@ -219,13 +220,16 @@ async def test_queries_under_concurrent_writes_and_flushes(redis_url: str, redis
     day_start = datetime(TODAY.year, TODAY.month, TODAY.day, tzinfo=UTC)
     span = max(int((NOW - day_start).total_seconds()), 1)
     done = asyncio.Event()
+    samples = 0
+    flushed = 0  # units committed so far by the flush loops
 
     async def write(seed: int) -> None:
+        """250 writes, then more until the samplers and flushers did enough work to make the test
+        meaningful: a loaded machine gets more writes rather than a failed count (300 s bounds a hang)."""
         rng = random.Random(seed)
-        batches = 0
-        # at least 250 batches each, and on until the samplers took 10 samples (however slow the machine)
-        while batches < 250 or (samples < 10 and batches < 5000):
-            batches += 1
+        written, deadline = 0, time.monotonic() + 300
+        while written < 250 or ((samples < 10 or flushed < 10) and time.monotonic() < deadline):
+            written += 1
             events = [(f"e{rng.randrange(3)}", f"u{rng.randrange(50)}",
                        day_start + timedelta(seconds=rng.randrange(span))) for _ in range(rng.randrange(1, 6))]
             users = {e[1] for e in events}
@@ -239,6 +243,7 @@ async def test_queries_under_concurrent_writes_and_flushes(redis_url: str, redis
             await asyncio.sleep(0.001)
 
     async def flush_loop() -> int:
+        nonlocal flushed
         client = aioredis.Redis.from_url(redis_url)
         conn = await asyncpg.connect(config.database_url)
         units = 0
@@ -247,12 +252,12 @@ async def test_queries_under_concurrent_writes_and_flushes(redis_url: str, redis
                 stats = await flush_pipeline(client, conn, config, config.pipeline, batch_size=1, use_lock=False)
                 assert stats.error is None, stats.error
                 units += stats.units
+                flushed += stats.units
         finally:
             await client.aclose()
             await conn.close()
         return units
 
-    samples = 0
     violations: list[str] = []
 
     async def widen_race_window(attempt: int) -> None:

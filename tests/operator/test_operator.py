@@ -74,7 +74,7 @@ async def test_create_renders_configmap_and_cronjob_with_owner_and_status(cluste
     assert config.counters.ttl_seconds == 86400
     assert config.redis_url == "redis://redis:6379/0"  # from the env (the Secret), never from the file
     text = cm["data"][crd.CONFIG_KEY]
-    assert "redis" not in yaml.safe_load(text) and "_url" not in text
+    assert "redis_url" not in yaml.safe_load(text) and "_url" not in text
 
     spec = cj["spec"]
     assert spec["schedule"] == "*/5 * * * *" and spec["concurrencyPolicy"] == "Forbid" and spec["suspend"] is False

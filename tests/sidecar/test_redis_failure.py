@@ -185,7 +185,8 @@ async def test_single_write_under_client_pause_is_fenced_exactly(
 
 
 class ReplyDroppingProxy:
-    """A TCP proxy to Redis that swallows every reply but the first on its first connection (the lane's)."""
+    """A TCP proxy to Redis that swallows every reply but the first on the first connection that writes (the
+    lane's; the sidecar's Redis watch, which only reads CONFIG and INFO, passes untouched)."""
 
     def __init__(self, port: int) -> None:
         self.target_port = port
@@ -199,9 +200,13 @@ class ReplyDroppingProxy:
         return f"redis://127.0.0.1:{port}/0"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        drop = self.connections == 1
+        first = await reader.read(65536)
+        watch = b"CONFIG" in first or b"INFO" in first
+        if not watch:
+            self.connections += 1
+        drop = not watch and self.connections == 1
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        upstream_writer.write(first)
 
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, swallow: bool) -> None:
             passed = 0

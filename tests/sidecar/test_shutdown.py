@@ -57,6 +57,7 @@ async def test_sigterm_under_load_loses_no_acked_event(
         failures = 0
         sent_after_term = 0
         terminated = asyncio.Event()
+        flowing = asyncio.Event()  # more than 100 events acked: the load really flows
 
         async def client(number: int, session: aiohttp.ClientSession) -> None:
             nonlocal failures, sent_after_term
@@ -73,6 +74,8 @@ async def test_sigterm_under_load_loses_no_acked_event(
                         assert body == {"accepted": len(events), "duplicates": 0}
                         for event in events:
                             acked[event["event"]] = acked.get(event["event"], 0) + 1
+                        if sum(acked.values()) > 100:
+                            flowing.set()
                         if terminated.is_set():
                             sent_after_term += 1
                 except (TimeoutError, aiohttp.ClientConnectionError):
@@ -83,7 +86,9 @@ async def test_sigterm_under_load_loses_no_acked_event(
 
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, force_close=False)) as session:
             load = [asyncio.create_task(client(n, session)) for n in range(24)]
-            await asyncio.sleep(0.8)
+            # SIGTERM once the load has really flowed, however slow the machine: a fixed 0.8 s sleep made
+            # the "> 100 acked" below depend on machine speed. 60 s bounds a hang.
+            await asyncio.wait_for(flowing.wait(), 60)
             process.send_signal(signal.SIGTERM)
             terminated.set()
             await asyncio.wait_for(asyncio.gather(*load), 30)
