@@ -10,6 +10,12 @@
 
 SELECT pg_advisory_xact_lock(7335046153962100001);
 
+-- Partitioning: analytics_daily, analytics_hourly and analytics_user_daily are range-partitioned by
+-- month on their time column (every primary key contains it). Their partitions (<table>_pYYYYMM, no
+-- DEFAULT partition) are created by `migrate` (last month, this month and two ahead) and by the flusher before it
+-- writes a month; retention drops whole partitions. See docs/flush-protocol.md ("Partitions") and
+-- flusher/partitions.py. A database created before partitioning is converted by `migrate`.
+
 -- Daily counts per event type.
 CREATE TABLE IF NOT EXISTS analytics_daily (
     pipeline    text        NOT NULL,
@@ -18,7 +24,7 @@ CREATE TABLE IF NOT EXISTS analytics_daily (
     count       bigint      NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (pipeline, event_type, day)
-);
+) PARTITION BY RANGE (day);
 -- Dashboard: every event type by day for the last 30 days; retention deletes by day.
 CREATE INDEX IF NOT EXISTS analytics_daily_pipeline_day ON analytics_daily (pipeline, day) INCLUDE (event_type, count);
 
@@ -30,7 +36,7 @@ CREATE TABLE IF NOT EXISTS analytics_hourly (
     count       bigint      NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (pipeline, event_type, hour)
-);
+) PARTITION BY RANGE (hour);
 -- Dashboard: every event type by hour for the last 48 hours; retention deletes by hour.
 CREATE INDEX IF NOT EXISTS analytics_hourly_pipeline_hour ON analytics_hourly (pipeline, hour) INCLUDE (event_type, count);
 
@@ -47,7 +53,7 @@ CREATE TABLE IF NOT EXISTS analytics_user_daily (
     count       bigint      NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (pipeline, day, user_id, event_type)
-);
+) PARTITION BY RANGE (day);
 
 -- Upgrade of databases created before the rollups: their primary key was (pipeline, user_id,
 -- event_type, day) with a second index (pipeline, day, event_type, user_id). Re-key the table and drop
@@ -173,3 +179,47 @@ CREATE TABLE IF NOT EXISTS analytics_dead_letter_counts (
     count       bigint NOT NULL
 );
 CREATE INDEX IF NOT EXISTS analytics_dead_letter_counts_unit ON analytics_dead_letter_counts (pipeline, unit_id);
+
+-- Retention registry (partitioning): each pipeline's retention_days, recorded by its flusher at every
+-- retention step. A partition is dropped only when it is past the retention of EVERY pipeline holding
+-- rows in it, and only pipelines recorded here can vouch for that (flusher/partitions.py).
+CREATE TABLE IF NOT EXISTS analytics_pipeline_retention (
+    pipeline        text        NOT NULL PRIMARY KEY,
+    retention_days  integer     NOT NULL,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- Partition creation (partitioning), for every role that writes: the flusher may run as a role that owns no
+-- table and may not create any (docs/kubernetes.md, "Database roles"), yet must create a month's partitions
+-- before it writes that month. This function runs as the schema's owner (SECURITY DEFINER, fixed
+-- search_path) and can do nothing but create an empty monthly partition of one of the three counter tables:
+-- serialised by the schema's advisory lock, re-checked under it, created as a plain table then ATTACHed
+-- (SHARE UPDATE EXCLUSIVE on the parent, not the ACCESS EXCLUSIVE of CREATE TABLE ... PARTITION OF).
+-- Returns whether it created the partition. Called by flusher/partitions.py.
+CREATE OR REPLACE FUNCTION analytics_create_month_partition(parent text, month date) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    name text := parent || '_p' || to_char(month, 'YYYYMM');
+    low  text;
+    high text;
+BEGIN
+    IF parent NOT IN ('analytics_daily', 'analytics_hourly', 'analytics_user_daily')
+       OR month IS NULL OR month <> date_trunc('month', month)::date THEN
+        RAISE EXCEPTION 'analytics_create_month_partition: no such partition: %, %', parent, month;
+    END IF;
+    PERFORM pg_advisory_xact_lock(7335046153962100001);
+    IF to_regclass(quote_ident(name)) IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    IF parent = 'analytics_hourly' THEN
+        low := month::text || ' 00:00:00+00';
+        high := (month + interval '1 month')::date::text || ' 00:00:00+00';
+    ELSE
+        low := month::text;
+        high := (month + interval '1 month')::date::text;
+    END IF;
+    EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS)', name, parent);
+    EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)', parent, name, low, high);
+    RETURN true;
+END
+$$;

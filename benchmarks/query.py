@@ -44,6 +44,7 @@ from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys, user_field
 from analytics_pipeline.core.queries import Queries
 from analytics_pipeline.flusher.db import create_pool
 from analytics_pipeline.flusher.migrate import apply_schema
+from analytics_pipeline.flusher.partitions import PARTITIONED, ensure_partitions, month_start
 from analytics_pipeline.flusher.store import PIPELINE_TABLES, rebuild_rollups
 
 EVENT_TYPES = 20
@@ -105,6 +106,9 @@ async def generate_postgres(conn: asyncpg.Connection, pipeline: str, days: int, 
     start = datetime(first_day.year, first_day.month, first_day.day, tzinfo=UTC)
     end = datetime(last_pg_day.year, last_pg_day.month, last_pg_day.day, 23, tzinfo=UTC)
     active = USERS * ACTIVE_SHARE // 100
+    # rows written here, not by the flusher: their months' partitions first (no-op on unpartitioned tables)
+    months = {month_start(first_day + timedelta(days=n)) for n in range(days + 1)}
+    await ensure_partitions(conn, [(table, month) for table in PARTITIONED for month in months])
     # one year of hourly data for every event type, then its daily sums
     await conn.execute(_HOURLY_SQL, pipeline, start, end, EVENT_TYPES)
     await conn.execute(_DAILY_SQL, pipeline)

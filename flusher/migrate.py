@@ -3,7 +3,9 @@
 Idempotent and safe to run concurrently: the script takes a transaction-scoped advisory lock, uses
 IF NOT EXISTS everywhere and upgrades older layouts in guarded ``DO`` blocks (re-keys
 ``analytics_user_daily`` day-major, drops its retired second index, creates and back-fills the uniques
-rollups). Prints what it created or changed, or that the schema was up to date.
+rollups); counter tables from before partitioning are converted in the same transaction, and this
+month's and the next months' partitions are created. Prints what it created or changed, or that the
+schema was up to date.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import importlib.resources
 import re
 import sys
+from datetime import date
 
 import asyncpg
 
@@ -21,6 +24,7 @@ from analytics_pipeline.core.keys import PipelineKeys
 
 from .db import connect
 from .errors import POSTGRES_CONNECTION_ERRORS, FlushError, ServiceUnreachable, describe
+from .partitions import PARTITIONED, ensure_partitions, missing_partitions, month_start, months_ahead, relkinds
 from .store import rebuild_rollups
 
 _LOCK_RE = re.compile(r"SELECT\s+pg_advisory_xact_lock\(\d+\)", re.IGNORECASE)
@@ -64,7 +68,40 @@ async def pending_upgrades(conn: asyncpg.Connection) -> list[tuple[str, str]]:
         changes.append(("primary key", f"analytics_user_daily ({', '.join(USER_DAILY_KEY)})"))
     for name in sorted(await _existing(conn, list(RETIRED_INDEXES))):
         changes.append(("dropped index", name))
+    kinds = await relkinds(conn, PARTITIONED)
+    changes += [("partitioned", table) for table in PARTITIONED if kinds.get(table) == "r"]
     return changes
+
+
+async def _today(conn: asyncpg.Connection) -> date:
+    return await conn.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")
+
+
+async def _set_aside(conn: asyncpg.Connection, table: str) -> str:
+    """Rename an unpartitioned counter table to ``<table>_unpartitioned`` and drop its key and indexes, so
+    schema.sql can create the partitioned table under the original names; returns the new name."""
+    old = f"{table}_unpartitioned"
+    await conn.execute(f"ALTER TABLE {table} RENAME TO {old}")
+    for row in await conn.fetch("SELECT conname FROM pg_constraint WHERE conrelid = $1::regclass AND contype IN "
+                                "('p', 'u')", old):
+        await conn.execute(f'ALTER TABLE {old} DROP CONSTRAINT "{row["conname"]}"')
+    for row in await conn.fetch("SELECT indexrelid::regclass::text AS name FROM pg_index WHERE indrelid = $1::regclass",
+                                old):
+        await conn.execute(f"DROP INDEX {row['name']}")
+    return old
+
+
+async def _move_rows(conn: asyncpg.Connection, table: str, old: str) -> int:
+    """Create the partitions of every month ``old`` holds, copy its rows into ``table``, drop it."""
+    column = PARTITIONED[table]
+    utc = f"({column} AT TIME ZONE 'UTC')" if column == "hour" else column
+    months = await conn.fetch(f"SELECT DISTINCT date_trunc('month', {utc})::date AS month FROM {old}")
+    await ensure_partitions(conn, [(table, month_start(row["month"])) for row in months])
+    columns = await conn.fetchval("SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute "
+                                  "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped", table)
+    status = await conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {old}")
+    await conn.execute(f"DROP TABLE {old}")
+    return int(status.split()[-1])
 
 
 def describe_change(kind: str, name: str) -> str:
@@ -73,6 +110,10 @@ def describe_change(kind: str, name: str) -> str:
         return f"created {kind} {name}"
     if kind == "primary key":
         return f"rebuilt primary key {name}"
+    if kind == "partitioned":
+        return f"partitioned table {name} by month (rows moved into its partitions)"
+    if kind == "partition":
+        return f"created partition {name}"
     return f"{kind} {name}"
 
 
@@ -87,12 +128,25 @@ async def apply_schema(conn: asyncpg.Connection) -> list[tuple[str, str]]:
             await conn.execute(lock.group(0))
         before = await _existing(conn, [name for _, name in objects])
         upgrades = await pending_upgrades(conn)
-        if not upgrades and all(name in before for _, name in objects):
+        ahead = months_ahead(await _today(conn))
+        function = await conn.fetchval("SELECT to_regprocedure('analytics_create_month_partition(text, date)')")
+        if (not upgrades and all(name in before for _, name in objects) and function is not None
+                and not await missing_partitions(conn, ahead)):
             # Nothing to create or change: re-running the DDL would take table locks that can
             # deadlock with a concurrent flush transaction, for no change.
             return []
         await conn.execute(sql)
-    return [(kind, name) for kind, name in objects if name not in before] + upgrades
+        # Tables of a database from before partitioning: set aside, re-created partitioned by schema.sql,
+        # their rows moved over, all in this transaction (a crash or an error leaves the old layout whole).
+        set_aside = {table: await _set_aside(conn, table) for table, kind in (await relkinds(conn, PARTITIONED)).items()
+                     if kind == "r"}
+        if set_aside:
+            await conn.execute(sql)
+            for table, old in set_aside.items():
+                await _move_rows(conn, table, old)
+        created = await ensure_partitions(conn, ahead)
+    return ([(kind, name) for kind, name in objects if name not in before] + upgrades
+            + [("partition", name) for name in created])
 
 
 async def migrate(config: Config, rebuild: str | None = None) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -31,6 +32,7 @@ from .errors import (
     ServiceUnreachable,
     describe,
 )
+from .partitions import ensure_partitions, months_ahead
 from .staging import Claim, ClaimHeld, Staging, new_run_id, run_id_of, unit_id_of
 from .store import apply_retention, apply_unit
 
@@ -171,6 +173,9 @@ class PipelineFlush:
                 log.warning("pipeline %s: could not extend the lock: %s", self.keys.pipeline, describe(error))
 
     async def _protocol(self) -> None:
+        # 0. last month's, this month's and the next months' partitions (one catalog query when they exist; the months a
+        #    unit writes are ensured again before it applies: late or old timestamps)
+        await ensure_partitions(self.conn, months_ahead(datetime.now(UTC).date()))
         # 1. recover units a dead (or concurrent) flusher left in flight
         recovered = await self.staging.inflight_units()
         for unit_id in recovered:

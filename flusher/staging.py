@@ -151,6 +151,11 @@ class UnitReader:
     def bucket_count(self) -> int:
         return len(self.staged_keys)
 
+    @property
+    def refs(self) -> list[BucketRef]:
+        """Which bucket each staging key holds."""
+        return [self.staging.keys.unstage(self.unit_id, key) for key in self.staged_keys]
+
     async def chunks(self) -> AsyncIterator[ReadChunk]:
         """The unit's counts: small buckets grouped up to ``READ_CHUNK_FIELDS`` counters, a bigger one
         alone, one over ``SCAN_BUCKET_FIELDS`` in HSCAN pieces of about ``READ_CHUNK_FIELDS``."""

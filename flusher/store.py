@@ -25,6 +25,15 @@ import asyncpg
 
 from analytics_pipeline.core.keys import USER_FIELD_SEPARATOR
 
+from .partitions import (
+    droppable,
+    ensure_partitions,
+    existing_partitions,
+    holders,
+    partition_name,
+    partitions_of,
+    past_retention,
+)
 from .staging import ReadChunk, StagedBucket, UnitReader, batch_of, run_id_of
 
 log = logging.getLogger(__name__)
@@ -39,7 +48,7 @@ _LOCK_SQL = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, hashtext($1))"
 # Every table holding a pipeline's rows (rollups included), for whoever removes a pipeline's data.
 PIPELINE_TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_daily_uniques",
                    "analytics_user_last_seen", "analytics_flush_ledger", "analytics_dead_letter",
-                   "analytics_dead_letter_counts")
+                   "analytics_dead_letter_counts", "analytics_pipeline_retention")
 
 _TEMP_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS ap_flush_daily (event_type text, day date, count bigint) ON COMMIT DELETE ROWS;
@@ -232,6 +241,9 @@ async def apply_unit(conn: asyncpg.Connection, pipeline: str, unit_id: str, unit
     Deadlocks/serialization failures between concurrent flushers are retried (safe: the ledger decides).
     """
     bucket_count = unit.bucket_count if isinstance(unit, UnitReader) else len(unit)
+    # the months it writes must have partitions: created before (never inside) the unit's transaction
+    await ensure_partitions(conn, partitions_of(unit.refs if isinstance(unit, UnitReader) else
+                                                (staged.ref for staged in unit)))
     for attempt in range(1, attempts + 1):
         try:
             async with conn.transaction():
@@ -298,15 +310,23 @@ async def rebuild_rollups(conn: asyncpg.Connection, pipeline: str) -> None:
             await conn.execute(statement, pipeline)
 
 
+# How long a retention step waits for a lock before it leaves a partition for the next run (and deletes
+# its own rows in it one by one meanwhile): dropping needs ACCESS EXCLUSIVE on the parent table.
+DROP_LOCK_TIMEOUT = "2s"
+
+
 async def apply_retention(conn: asyncpg.Connection, pipeline: str, retention_days: int,
                           keep_units: list[str]) -> int:
-    """Delete this pipeline's rows older than ``retention_days`` and ledger rows older than 30 days.
+    """Remove this pipeline's rows older than ``retention_days`` and ledger rows older than 30 days.
 
-    Ledger rows of units still in flight are kept, so a recovery never re-applies a unit twice. The
-    rollups lose the same days (under the pipeline's lock, like a unit): users whose last day is older
-    are gone from the per-user rows too. Returns how many counter and ledger rows were deleted.
+    First records the pipeline's retention and drops every partition past the retention of every pipeline
+    holding rows in it (:func:`drop_expired_partitions`); what remains of its old rows (in partitions
+    another pipeline still keeps) is deleted row by row. Ledger rows of units still in flight are kept,
+    so a recovery never re-applies a unit twice. The rollups lose the same days (under the pipeline's
+    lock, like a unit): users whose last day is older are gone from the per-user rows too. Returns how
+    many of this pipeline's counter and ledger rows went.
     """
-    deleted = 0
+    deleted = await drop_expired_partitions(conn, pipeline, retention_days)
     async with conn.transaction():
         await lock_pipeline(conn, pipeline)
         for statement in (
@@ -317,17 +337,77 @@ async def apply_retention(conn: asyncpg.Connection, pipeline: str, retention_day
         ):
             status = await conn.execute(statement, pipeline, retention_days)
             deleted += int(status.split()[-1])
-        # last_seen rows are found by scanning the pipeline's users: only when the histogram says some
-        # user's last day is old enough, i.e. at most once per day.
-        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM analytics_daily_uniques WHERE pipeline = $1 "
-                               "AND day < current_date - $2::int AND last_seen_users <> 0)", pipeline, retention_days):
-            await conn.execute("DELETE FROM analytics_user_last_seen WHERE pipeline = $1 "
-                               "AND last_day < current_date - $2::int", pipeline, retention_days)
-        await conn.execute("DELETE FROM analytics_daily_uniques WHERE pipeline = $1 AND day < current_date - $2::int",
-                           pipeline, retention_days)
+        await _trim_rollups(conn, pipeline, retention_days)
         status = await conn.execute(
             "DELETE FROM analytics_flush_ledger WHERE pipeline = $1 "
             "AND applied_at < now() - make_interval(days => $2::int) AND NOT (unit_id = ANY($3::text[]))",
             pipeline, LEDGER_RETENTION_DAYS, keep_units)
         deleted += int(status.split()[-1])
     return deleted
+
+
+async def _trim_rollups(conn: asyncpg.Connection, pipeline: str, retention_days: int) -> None:
+    """Drop a pipeline's rollup rows of the days its retention removed (caller holds its lock)."""
+    # last_seen rows are found by scanning the pipeline's users: only when the histogram says some
+    # user's last day is old enough, i.e. at most once per day.
+    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM analytics_daily_uniques WHERE pipeline = $1 "
+                           "AND day < current_date - $2::int AND last_seen_users <> 0)", pipeline, retention_days):
+        await conn.execute("DELETE FROM analytics_user_last_seen WHERE pipeline = $1 "
+                           "AND last_day < current_date - $2::int", pipeline, retention_days)
+    await conn.execute("DELETE FROM analytics_daily_uniques WHERE pipeline = $1 AND day < current_date - $2::int",
+                       pipeline, retention_days)
+
+
+class _HoldersChanged(Exception):
+    """A pipeline wrote into a partition between the check and the lock: leave it for the next run."""
+
+
+async def drop_expired_partitions(conn: asyncpg.Connection, pipeline: str, retention_days: int) -> int:
+    """Record this pipeline's retention, then drop each partition that is past it AND past the recorded
+    retention of every pipeline holding rows in it (see partitions.droppable); returns how many of this
+    pipeline's rows those partitions held.
+
+    Per partition, one transaction: every holder's advisory lock (try-lock: a holder flushing right now
+    makes it wait for the next run), ACCESS EXCLUSIVE on the parent (lock_timeout: a long query does the
+    same), the holders checked again, DROP, and for the per-user table each holder's rollups trimmed to
+    its own retention (exactly what its own retention step would do, so its rollups stay equal to a
+    recomputation from its rows). Anything in the way only postpones the drop: row deletes cover it."""
+    await conn.execute(
+        "INSERT INTO analytics_pipeline_retention AS r (pipeline, retention_days) VALUES ($1, $2) "
+        "ON CONFLICT (pipeline) DO UPDATE SET retention_days = EXCLUDED.retention_days, updated_at = now() "
+        "WHERE r.retention_days IS DISTINCT FROM EXCLUDED.retention_days", pipeline, retention_days)
+    today = await conn.fetchval("SELECT current_date")
+    removed = 0
+    for table, month in await existing_partitions(conn):
+        if not past_retention(month, today, retention_days):
+            continue
+        try:
+            owners = await holders(conn, table, month)
+        except asyncpg.exceptions.UndefinedTableError:  # dropped meanwhile by another pipeline's retention
+            continue
+        if not droppable(owners, month, today):
+            continue
+        name = partition_name(table, month)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'")
+                for owner in sorted(owners):
+                    if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({LOCK_CLASS}, hashtext($1))", owner):
+                        raise _HoldersChanged(f"pipeline {owner} is flushing")
+                await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                if await holders(conn, table, month) != owners:
+                    raise _HoldersChanged("rows were written meanwhile")
+                mine = await conn.fetchval(f"SELECT count(*) FROM {name} WHERE pipeline = $1", pipeline)
+                await conn.execute(f"DROP TABLE {name}")
+                if table == "analytics_user_daily":
+                    for owner, days in owners.items():
+                        await _trim_rollups(conn, owner, days or retention_days)
+        except (_HoldersChanged, asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.DeadlockDetectedError,
+                asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.InsufficientPrivilegeError) as error:
+            # InsufficientPrivilege: a flusher role that does not own the tables (docs/kubernetes.md) may not
+            # DROP: its old rows go by the row deletes, as before partitioning
+            log.info("partition %s kept for now (%s): its old rows are deleted row by row", name, error)
+            continue
+        log.info("dropped partition %s (past the retention of %d pipeline(s))", name, len(owners))
+        removed += mine
+    return removed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from analytics_pipeline.demo_report import box_table
 from analytics_pipeline.demo_stack import DemoError, choose_port, remove_pipeline_data
 from analytics_pipeline.demo_traffic import WINDOW, DemoEvent, build_plan, daily_rhythm
 from analytics_pipeline.flusher.migrate import apply_schema
+from analytics_pipeline.flusher.partitions import ensure_partitions
 
 NOW = datetime(2026, 11, 27, 15, 30, tzinfo=UTC)
 
@@ -227,6 +228,7 @@ async def test_storage_split_waits_for_a_running_flusher_and_cleanup_is_scoped(
     conn = await asyncpg.connect(database_url)
     try:
         await apply_schema(conn)
+        await ensure_partitions(conn, [("analytics_daily", date(2026, 11, 1))])  # written directly below
         for name in (pipeline, other):
             await conn.execute("INSERT INTO analytics_daily (pipeline, event_type, day, count) "
                                "VALUES ($1, 'page_view', '2026-11-26', 7)", name)

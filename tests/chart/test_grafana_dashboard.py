@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from support import REPO
 
+from analytics_pipeline.flusher.partitions import PARTITIONED, ensure_partitions
 from analytics_pipeline.flusher.store import PIPELINE_TABLES
 
 DASHBOARD = REPO / "charts" / "analytics-pipeline" / "files" / "grafana-dashboard.json"
@@ -55,6 +56,8 @@ async def db(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]
     schema = (importlib.resources.files("analytics_pipeline.core") / "schema.sql").read_text(encoding="utf-8")
     async with conn.transaction():  # idempotent; serialised by the schema's own advisory lock
         await conn.execute(schema)
+    # the rows below are written directly, not by the flusher: their months' partitions first
+    await ensure_partitions(conn, [(table, date(2026, month, 1)) for table in PARTITIONED for month in (3, 4)])
     pipeline = f"test/grafana-{uuid.uuid4().hex[:10]}"
     try:
         yield conn, pipeline

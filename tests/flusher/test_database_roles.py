@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -16,13 +17,18 @@ import redis.asyncio as aioredis
 from support import REPO, flush_env, run_cli_async
 
 from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.keys import BucketRef, day_bucket, user_field
 from analytics_pipeline.core.services import PostgresServer, free_port
+from analytics_pipeline.flusher.partitions import PARTITIONED, month_start, partition_name, relkinds
+from analytics_pipeline.flusher.staging import StagedBucket
+from analytics_pipeline.flusher.store import apply_retention, apply_unit
 from analytics_pipeline.sidecar.server import serve
 
 DOCS = REPO / "docs" / "kubernetes.md"
 MARKER = "-- analytics-pipeline database roles"
 TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_user_last_seen",
-          "analytics_daily_uniques", "analytics_flush_ledger", "analytics_dead_letter", "analytics_dead_letter_counts")
+          "analytics_daily_uniques", "analytics_flush_ledger", "analytics_dead_letter",
+          "analytics_dead_letter_counts", "analytics_pipeline_retention")
 
 
 def documented_sql() -> tuple[str, str]:
@@ -132,3 +138,33 @@ async def test_owner_migrates_writer_flushes_reader_queries_and_cannot_write(
                 await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def test_writer_creates_partitions_through_the_function_and_owner_drops_them(
+        roles_pg: dict[str, str], config: Config) -> None:
+    """Partitioning with the documented roles: the writer (no DDL right) gets an old month's partitions created
+    through analytics_create_month_partition when it writes there; its retention cannot DROP them (it deletes
+    its rows one by one instead); retention run as the owner drops the whole partitions."""
+    code, _, err = await run_cli_async(["migrate"], flush_env(config.replace(database_url=roles_pg["owner"])))
+    assert code == 0, err
+    old_day = datetime.now(UTC).date() - timedelta(days=100)
+    names = [partition_name(table, month_start(old_day)) for table in PARTITIONED]
+    unit = [StagedBucket(BucketRef("d", day_bucket(old_day)), {"view": 2}),
+            StagedBucket(BucketRef("u", day_bucket(old_day)), {user_field("view", "ann"): 2})]
+    writer = await asyncpg.connect(roles_pg["writer"], server_settings={"timezone": "UTC"})
+    owner = await asyncpg.connect(roles_pg["owner"], server_settings={"timezone": "UTC"})
+    try:
+        assert not await relkinds(writer, names)
+        assert (await apply_unit(writer, config.pipeline, "old-00001", unit)).applied
+        assert set(await relkinds(writer, names)) == {names[0], names[2]}  # daily and per-user: written
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await writer.execute(f"DROP TABLE {names[0]}")
+        assert await apply_retention(writer, config.pipeline, 30, []) == 2  # row by row
+        assert set(await relkinds(writer, names)) == {names[0], names[2]}
+        assert (await apply_unit(writer, config.pipeline, "old-00002", unit)).applied
+        assert await apply_retention(owner, config.pipeline, 30, []) == 2  # with the partitions
+        assert not await relkinds(owner, names)
+        assert await owner.fetchval("SELECT count(*) FROM analytics_daily") == 0
+    finally:
+        await writer.close()
+        await owner.close()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -22,10 +23,11 @@ from analytics_pipeline.flusher.migrate import (
     schema_objects,
     schema_sql,
 )
+from analytics_pipeline.flusher.partitions import months_ahead, partition_name
 
 EXPECTED_TABLES = {"analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_flush_ledger",
                    "analytics_daily_uniques", "analytics_user_last_seen", "analytics_dead_letter",
-                   "analytics_dead_letter_counts"}
+                   "analytics_dead_letter_counts", "analytics_pipeline_retention"}
 
 
 def test_installed_package_reads_the_repository_schema() -> None:
@@ -69,14 +71,16 @@ async def test_migrations_idempotent_and_concurrent(schema: str) -> None:
     await admin.execute(f"CREATE SCHEMA {namespace}")
     conns = [await asyncpg.connect(schema, server_settings={"search_path": namespace}) for _ in range(4)]
     try:
-        created = await asyncio.gather(*(apply_schema(conn) for conn in conns))
-        assert sorted(len(c) for c in created) == [0, 0, 0, len(schema_objects())]
+        created = sorted(await asyncio.gather(*(apply_schema(conn) for conn in conns)), key=len)
+        assert created[:3] == [[], [], []]
+        ahead = [("partition", partition_name(t, m)) for t, m in months_ahead(datetime.now(UTC).date())]
+        assert created[3] == [*schema_objects(), *ahead]  # this month's and the next months' partitions too
         await conns[0].execute("INSERT INTO analytics_daily (pipeline, event_type, day, count) "
                                "VALUES ('t/x', 'e', current_date, 7)")
         assert await asyncio.gather(*(apply_schema(conn) for conn in conns)) == [[], [], [], []]
         assert await conns[1].fetchval("SELECT count FROM analytics_daily") == 7
         tables = await admin.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", namespace)
-        assert {row["tablename"] for row in tables} == EXPECTED_TABLES
+        assert {row["tablename"] for row in tables} == EXPECTED_TABLES | {name for _, name in ahead}
     finally:
         for conn in conns:
             await conn.close()
@@ -98,8 +102,10 @@ async def test_upgrade_from_a_schema_without_dead_letters_adds_them(schema: str)
         await conn.execute("INSERT INTO analytics_flush_ledger (pipeline, unit_id, run_id, batch, buckets, rows) "
                            "VALUES ('t/x', 'r-00001', 'r', 1, 1, 1)")
         created = await apply_schema(conn)
-        assert created == [("table", "analytics_dead_letter"), ("table", "analytics_dead_letter_counts"),
-                           ("index", "analytics_dead_letter_counts_unit")]
+        # (and what partitioning adds after them: its table; the partitions, which `previous` did not create)
+        assert [change for change in created if change[0] != "partition"] == [
+            ("table", "analytics_dead_letter"), ("table", "analytics_dead_letter_counts"),
+            ("index", "analytics_dead_letter_counts_unit"), ("table", "analytics_pipeline_retention")]
         assert await apply_schema(conn) == []
         assert await conn.fetchval("SELECT count(*) FROM analytics_flush_ledger") == 1
     finally:
