@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -224,3 +225,12 @@ async def print_services_header(title: str, client: Any, conn: Any, origin: str)
     redis_version = (await client.info("server"))["redis_version"]
     pg_version = await conn.fetchval("SHOW server_version")
     print_header(title, redis_version=f"{redis_version} (throwaway)", postgres_version=f"{pg_version} ({origin})")
+
+
+def healthy(url: str) -> bool:
+    """True when ``url`` (a sidecar's /healthz) answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False

@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,14 +176,6 @@ def compile_sources() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], env=env, check=True, capture_output=True)
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def server_process(target: Target, redis_url: str, pipeline: str, log_dir: Path) -> Iterator[tuple[int, int]]:
     """Start the target on a free port; yields (pid, port); stops it with SIGTERM and waits."""
@@ -196,7 +187,7 @@ def server_process(target: Target, redis_url: str, pipeline: str, log_dir: Path)
                                    cwd=benchlib.REPO)
         try:
             deadline = time.monotonic() + 30
-            while not _healthy(f"http://127.0.0.1:{port}/healthz"):
+            while not benchlib.healthy(f"http://127.0.0.1:{port}/healthz"):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{target.name} did not start: {log_path.read_text()[-1500:]}")
                 time.sleep(0.05)

@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,14 +90,6 @@ def fill(client: redis.Redis, users: int, now: datetime) -> None:
 
 
 # ---------------------------------------------------------------------------------------- sidecars
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
-
-
 @contextmanager
 def sidecar(command: str, redis_url: str, database_url: str, log_dir: Path, name: str) -> Iterator[tuple[int, int]]:
     """A real sidecar process (``command sidecar ...``) on a free port; yields (port, pid)."""
@@ -111,7 +102,7 @@ def sidecar(command: str, redis_url: str, database_url: str, log_dir: Path, name
                                    env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=log_dir)
         try:
             deadline = time.monotonic() + 30
-            while not _healthy(f"http://127.0.0.1:{port}/healthz"):
+            while not benchlib.healthy(f"http://127.0.0.1:{port}/healthz"):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"sidecar {name} did not start: {log_path.read_text()[-1500:]}")
                 time.sleep(0.05)
