@@ -227,6 +227,16 @@ async def print_services_header(title: str, client: Any, conn: Any, origin: str)
     print_header(title, redis_version=f"{redis_version} (throwaway)", postgres_version=f"{pg_version} ({origin})")
 
 
+def wait_started(process: subprocess.Popen[bytes], port: int, what: str, log_path: Path, timeout: float = 30) -> None:
+    """Wait until the server ``process`` answers /healthz on ``port``; RuntimeError with its log's tail if it
+    exits or does not answer within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not healthy(f"http://127.0.0.1:{port}/healthz"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start: {log_path.read_text()[-1500:]}")
+        time.sleep(0.05)
+
+
 def healthy(url: str) -> bool:
     """True when ``url`` (a sidecar's /healthz) answers 200."""
     try:

@@ -186,11 +186,7 @@ def server_process(target: Target, redis_url: str, pipeline: str, log_dir: Path)
         process = subprocess.Popen([*PIN["server"], *command], env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                    cwd=benchlib.REPO)
         try:
-            deadline = time.monotonic() + 30
-            while not benchlib.healthy(f"http://127.0.0.1:{port}/healthz"):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{target.name} did not start: {log_path.read_text()[-1500:]}")
-                time.sleep(0.05)
+            benchlib.wait_started(process, port, target.name, log_path)
             yield process.pid, port
         finally:
             if process.poll() is None:

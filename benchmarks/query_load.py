@@ -101,11 +101,7 @@ def sidecar(command: str, redis_url: str, database_url: str, log_dir: Path, name
         process = subprocess.Popen([command, "sidecar", "--port", str(port), "--no-reload", "--log-level", "warning"],
                                    env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=log_dir)
         try:
-            deadline = time.monotonic() + 30
-            while not benchlib.healthy(f"http://127.0.0.1:{port}/healthz"):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sidecar {name} did not start: {log_path.read_text()[-1500:]}")
-                time.sleep(0.05)
+            benchlib.wait_started(process, port, f"sidecar {name}", log_path)
             yield port, process.pid
         finally:
             process.send_signal(signal.SIGTERM)
