@@ -173,6 +173,195 @@ class RedisServer:
             self.process.send_signal(signal.SIGCONT)
 
 
+class RedisClusterServers:
+    """A throwaway Redis Cluster on loopback: ``masters`` masters with ``replicas`` replicas each.
+
+    Built the way an operator builds one: ``redis-server --cluster-enabled yes`` per node, then
+    ``redis-cli --cluster create ... --cluster-replicas N``. :meth:`kill` crashes a node (its replica
+    is promoted after ``node_timeout_ms``), :meth:`reshard` moves slots between masters live.
+    """
+
+    def __init__(self, directory: Path, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000,
+                 appendonly: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+        self.directory = directory
+        self.cli = shutil.which("redis-cli")
+        if self.cli is None:
+            raise ServiceError("no redis-cli found: a Redis Cluster is created with `redis-cli --cluster create`; "
+                               "install Debian's redis-tools (apt-get install redis-server)")
+        self.nodes: list[RedisServer] = []
+        for number in range(masters * (1 + replicas)):
+            folder = directory / f"node-{number}"
+            # The cluster bus defaults to port + 10000, past 65535 for a fifth of free ports: name it.
+            self.nodes.append(RedisServer(folder, appendonly=appendonly, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
+                "--cluster-port", str(free_port()), "--cluster-node-timeout", str(node_timeout_ms),
+                "--repl-diskless-sync-delay", "0",
+                *extra_args)))
+        self.masters = masters
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """A URL naming one node (any node will do for a cluster-aware client)."""
+        return self.nodes[0].url.rsplit("/", 1)[0]
+
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        self._redis_cli("--cluster", "create", *self.addresses(), "--cluster-replicas", str(self.replicas),
+                        "--cluster-yes")
+        self.wait_healthy()
+        self.wait_replicated()
+        self._wait_topology_agreed()
+        return self
+
+    def _wait_topology_agreed(self, timeout: float = 60) -> None:
+        """Until every node's CLUSTER NODES shows the masters and replicas that were created (gossip settles)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                views = [self.cluster_nodes(node.port) for node in self.nodes]
+                if all(sum(n["role"] == "replica" for n in view) == self.masters * self.replicas
+                       for view in views):
+                    return
+            time.sleep(0.1)
+        raise ServiceError(f"the Redis Cluster nodes did not agree on their roles within {timeout:.0f}s")
+
+    def wait_replicated(self, timeout: float = 60) -> None:
+        """Until every live replica's link to its master is up (a replica that never synced cannot take over)."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        waiting: list[int] = []
+        while time.monotonic() < deadline:
+            waiting = []
+            for node in self.nodes:
+                if node.process is None:
+                    continue
+                client = redis.Redis(host="127.0.0.1", port=node.port, decode_responses=True, socket_timeout=5)
+                try:
+                    info = client.info("replication")
+                except Exception:
+                    waiting.append(node.port)
+                    continue
+                finally:
+                    client.close()
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    waiting.append(node.port)
+            if not waiting:
+                return
+            time.sleep(0.1)
+        raise ServiceError(f"Redis Cluster replicas on ports {waiting} did not sync within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node (a master's replica takes over after the node timeout; see wait_promoted)."""
+        self.node(port).kill()
+
+    def wait_promoted(self, port: int, timeout: float = 60) -> dict[str, object]:
+        """After killing master ``port``: wait until the others mark it failed and a replica owns its slots."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                nodes = self.cluster_nodes()
+                dead = next(n for n in nodes if n["port"] == port)
+                heirs = [n for n in nodes if n["role"] == "master" and n["slots"] and not n["failed"]
+                         and n["port"] != port]
+                if dead["failed"] and not dead["slots"] and len(heirs) == self.masters:
+                    self.wait_healthy(max(1.0, deadline - time.monotonic()))
+                    return dead
+            time.sleep(0.1)
+        raise ServiceError(f"no replica took over from the master on port {port} within {timeout:.0f}s")
+
+    def _redis_cli(self, *args: str, timeout: float = 120) -> str:
+        assert self.cli is not None
+        result = subprocess.run([self.cli, *args], capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0 or "[ERR]" in result.stdout:
+            raise ServiceError(f"redis-cli {' '.join(args[:2])} failed ({result.returncode}): "
+                               f"{(result.stdout + result.stderr).strip()[-800:]}")
+        return result.stdout
+
+    def cluster_nodes(self, port: int | None = None) -> list[dict[str, object]]:
+        """``CLUSTER NODES`` as seen by one live node: id, port, role, master id, slot ranges, failed."""
+        import redis
+
+        port = port or next(node.port for node in self.nodes if node.process is not None)
+        client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5)
+        try:
+            text = client.execute_command("CLUSTER", "NODES")
+        finally:
+            client.close()
+        found = []
+        for line in str(text).strip().splitlines():
+            fields = line.split()
+            flags = fields[2].split(",")
+            slots = []
+            for part in fields[8:]:
+                if part.startswith("["):
+                    continue  # a slot being migrated or imported
+                low, _, high = part.partition("-")
+                slots.append((int(low), int(high or low)))
+            found.append({"id": fields[0], "port": int(fields[1].split("@")[0].rsplit(":", 1)[1]),
+                          "role": "master" if "master" in flags else "replica",
+                          "master": fields[3] if fields[3] != "-" else None, "slots": slots,
+                          "failed": "fail" in flags or "fail?" in flags})
+        return found
+
+    def live_masters(self) -> list[dict[str, object]]:
+        """Masters that own slots and are not failed, by port."""
+        return sorted((n for n in self.cluster_nodes() if n["role"] == "master" and n["slots"] and not n["failed"]),
+                      key=lambda n: n["port"])  # type: ignore[arg-type,return-value]
+
+    def owner_of_slot(self, slot: int) -> dict[str, object]:
+        for node in self.live_masters():
+            if any(low <= slot <= high for low, high in node["slots"]):  # type: ignore[attr-defined]
+                return node
+        raise ServiceError(f"no live master owns slot {slot}")
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Until every live node says ``cluster_state:ok`` and sees every slot on a live master."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        problem = "not checked yet"
+        while time.monotonic() < deadline:
+            try:
+                problem = ""
+                for node in self.nodes:
+                    if node.process is None:
+                        continue
+                    client = redis.Redis(host="127.0.0.1", port=node.port, decode_responses=True, socket_timeout=5)
+                    try:
+                        info = client.execute_command("CLUSTER", "INFO")
+                    finally:
+                        client.close()
+                    text = info if isinstance(info, str) else str(info)
+                    if "cluster_state:ok" not in text or "cluster_slots_ok:16384" not in text:
+                        problem = f"node {node.port}: not ok yet"
+                        break
+                if not problem:
+                    return
+            except Exception as error:  # a node still starting or just killed
+                problem = repr(error)
+            time.sleep(0.1)
+        raise ServiceError(f"the Redis Cluster did not become healthy within {timeout:.0f}s: {problem}")
+
+    def reshard(self, from_id: str, to_id: str, slots: int, *, pipeline: int = 10) -> str:
+        """Move ``slots`` slots live (``redis-cli --cluster reshard``): clients see MOVED and ASK meanwhile."""
+        return self._redis_cli("--cluster", "reshard", self.addresses()[0], "--cluster-from", from_id,
+                               "--cluster-to", to_id, "--cluster-slots", str(slots), "--cluster-yes",
+                               "--cluster-pipeline", str(pipeline), timeout=600)
+
+
 # ------------------------------------------------------------------------------------- PostgreSQL
 def find_postgres_bin() -> Path:
     """Folder holding initdb, pg_ctl and postgres: Debian's newest, PATH, then PyPI ``pgserver``'s."""

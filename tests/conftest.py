@@ -12,7 +12,7 @@ from support import make_config
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
-from analytics_pipeline.core.services import RedisServer, Services, local_services
+from analytics_pipeline.core.services import RedisClusterServers, RedisServer, Services, local_services
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +75,16 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     finally:
         server.resume()
         server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of this test alone: 3 masters, 3 replicas, on loopback (tests may kill or reshard it)."""
+    cluster = RedisClusterServers(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        for node in cluster.nodes:
+            node.resume()
+        cluster.stop()

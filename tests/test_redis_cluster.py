@@ -88,3 +88,26 @@ async def test_sidecar_registers_and_flush_all_finds_pipelines_on_redis_cluster(
         finally:
             await conn.close()
             await client.aclose()
+
+
+def test_harness_cluster_has_three_masters_each_with_a_synced_replica(redis_cluster) -> None:
+    """The multi-node harness the scale-out tests build on: 3 masters x 1 replica, all slots served."""
+    nodes = redis_cluster.cluster_nodes()
+    masters = [n for n in nodes if n["role"] == "master"]
+    replicas = [n for n in nodes if n["role"] == "replica"]
+    assert len(masters) == 3 and len(replicas) == 3
+    assert sum(high - low + 1 for m in masters for low, high in m["slots"]) == 16384
+    assert {r["master"] for r in replicas} == {m["id"] for m in masters}
+    client = redis.RedisCluster.from_url(redis_cluster.url)
+    try:
+        client.set("ap:{harness}:x", "1")
+        owner = redis_cluster.owner_of_slot(client.keyslot("ap:{harness}:x"))
+    finally:
+        client.close()
+    redis_cluster.kill(owner["port"])
+    redis_cluster.wait_promoted(owner["port"])
+    client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.live_masters()[0]["port"])
+    try:
+        assert client.get("ap:{harness}:x") == b"1"  # the promoted replica had it
+    finally:
+        client.close()
