@@ -1,7 +1,11 @@
 """The Redis key layout, defined once and imported by every component.
 
-Every key of a pipeline starts with ``ap:{<namespace>/<name>}:`` so that all of them hash to one
-Redis Cluster slot and a single Lua script may touch them together.
+Every key of a pipeline shard starts with ``ap:{<tag>}:`` so that all of them hash to one Redis
+Cluster slot and a single Lua script may touch them together. Shard 0's tag is the pipeline name
+itself (``ns/name``: a one-shard pipeline keeps the original layout); shard k > 0 of N has the tag
+``ns/name#<salt>``, with the salt chosen so that its slot lies about k/N of the slot ring away from
+shard 0's (:func:`shard_tags`): N shards land on N different masters of an evenly split cluster.
+Keys below are written for shard 0; every other shard has the same keys under its own tag.
 
 Live buckets are hashes, one per pipeline x granularity x time bucket:
 
@@ -23,8 +27,9 @@ Bookkeeping keys:
     ap:{ns/name}:claimseq        STRING counter bumped by every claim (queries use it as a seqlock)
     ap:{ns/name}:claimhold       ZSET  reader token -> expiry ms; while not empty the flusher does not claim
     ap:{ns/name}:lock            STRING flusher run lock (SET NX PX with a token)
-    ap:pipelines                 SET   every pipeline that has written (lets ``flush --all`` find them);
-                                       no hash tag, so only ever touched by a command of its own
+    ap:pipelines                 SET   every shard tag that has written (lets ``flush --all`` find them,
+                                       and the flusher and queries find a pipeline's old shards after N
+                                       changed); no hash tag, so only ever touched by a command of its own
 """
 
 from __future__ import annotations
@@ -46,6 +51,71 @@ GRANULARITY_OF_KIND: dict[BucketKind, Granularity] = {v: k for k, v in KIND_OF_G
 USER_FIELD_SEPARATOR = "\x1f"
 
 PIPELINES_SET = "ap:pipelines"
+
+SHARD_SEPARATOR = "#"  # between pipeline name and shard salt in a tag; never part of a pipeline name
+CLUSTER_SLOTS = 16384
+_SHARD_SLOT_TOLERANCE = 16  # how far from its target slot a shard's tag may hash
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def crc16(data: bytes) -> int:
+    """CRC-16/XMODEM, the checksum Redis Cluster hashes keys with."""
+    crc = 0
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ byte) & 0xFF]
+    return crc
+
+
+def key_slot(key: str | bytes) -> int:
+    """The Redis Cluster slot of a key: CRC16 of its hash tag (``{...}``) if it has one, else of the key."""
+    data = key.encode() if isinstance(key, str) else key
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return crc16(data) % CLUSTER_SLOTS
+
+
+def shard_tags(pipeline: str, shards: int) -> list[str]:
+    """The hash tags of shards 0..N-1 of a pipeline: ``[pipeline, pipeline#<salt>, ...]``.
+
+    Shard k's salt is the smallest number whose tag hashes within a few slots of
+    ``slot(shard 0) + k * 16384 / N``: spread evenly over the slot ring, so over the masters of a
+    cluster whose slots are split evenly, and the same on every sidecar, flusher and reader.
+    """
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, not {shards}")
+    base = crc16(pipeline.encode()) % CLUSTER_SLOTS
+    tags = [pipeline]
+    for k in range(1, shards):
+        target = (base + round(k * CLUSTER_SLOTS / shards)) % CLUSTER_SLOTS
+        salt = 0
+        while True:
+            tag = f"{pipeline}{SHARD_SEPARATOR}{salt}"
+            distance = abs(crc16(tag.encode()) % CLUSTER_SLOTS - target)
+            if min(distance, CLUSTER_SLOTS - distance) <= _SHARD_SLOT_TOLERANCE and tag not in tags:
+                tags.append(tag)
+                break
+            salt += 1
+    return tags
+
+
+def pipeline_of_tag(tag: str) -> str:
+    """The pipeline a shard tag belongs to (``ns/name#123`` -> ``ns/name``)."""
+    return tag.partition(SHARD_SEPARATOR)[0]
 
 _DAY_FORMAT = "%Y%m%d"
 _HOUR_FORMAT = "%Y%m%d%H"
@@ -100,15 +170,29 @@ class BucketRef:
 
 
 class PipelineKeys:
-    """All Redis key names of one pipeline."""
+    """All Redis key names of one pipeline shard (shard 0, the whole pipeline when it has one shard)."""
 
-    __slots__ = ("base", "pipeline")
+    __slots__ = ("base", "pipeline", "tag")
 
-    def __init__(self, pipeline: str) -> None:
+    def __init__(self, pipeline: str, tag: str | None = None) -> None:
         if not PIPELINE_RE.match(pipeline):
             raise ValueError(f"not a pipeline name: {pipeline!r} (want '<namespace>/<name>')")
+        tag = tag or pipeline
+        if pipeline_of_tag(tag) != pipeline or (tag != pipeline and not tag.rpartition(SHARD_SEPARATOR)[2].isdigit()):
+            raise ValueError(f"{tag!r} is not a shard tag of pipeline {pipeline}")
         self.pipeline = pipeline
-        self.base = f"ap:{{{pipeline}}}:"
+        self.tag = tag
+        self.base = f"ap:{{{tag}}}:"
+
+    @classmethod
+    def of_tag(cls, tag: str) -> PipelineKeys:
+        """The keys of the shard a tag (as ``ap:pipelines`` holds it) names."""
+        return cls(pipeline_of_tag(tag), tag)
+
+    @property
+    def slot(self) -> int:
+        """The Redis Cluster slot every key of this shard hashes to."""
+        return key_slot(self.base)
 
     # live buckets -------------------------------------------------------------------------------
     def bucket(self, kind: BucketKind, bucket: str) -> str:
@@ -200,12 +284,18 @@ class PipelineKeys:
         return self.scan_pattern[:-1] + "dd:*"
 
 
-def pipeline_from_key(key: str) -> str | None:
-    """The pipeline a key belongs to, from its hash tag; None for keys that are not ours."""
+def tag_from_key(key: str) -> str | None:
+    """The shard tag of a key (``ns/name`` or ``ns/name#salt``); None for keys that are not ours."""
     if not key.startswith("ap:{"):
         return None
     end = key.find("}:", 4)
     return key[4:end] if end > 0 else None
+
+
+def pipeline_from_key(key: str) -> str | None:
+    """The pipeline a key belongs to, from its hash tag; None for keys that are not ours."""
+    tag = tag_from_key(key)
+    return pipeline_of_tag(tag) if tag is not None else None
 
 
 def days_between(start: date, end: date) -> list[date]:

@@ -58,3 +58,34 @@ def test_ranges_are_inclusive() -> None:
     assert len(days_between(date(2026, 2, 27), date(2026, 3, 1))) == 3
     hours = hours_between(datetime(2026, 1, 1, 22, 15, tzinfo=UTC), datetime(2026, 1, 2, 1, 0, tzinfo=UTC))
     assert [h.hour for h in hours] == [22, 23, 0, 1]
+
+
+def test_key_slot_matches_redis_py() -> None:
+    """Our CRC16 slot (the sidecar routes with it without importing redis-py) is Redis Cluster's."""
+    import redis.crc
+
+    from analytics_pipeline.core.keys import key_slot
+
+    for key in ["a", "ap:{x/y}:d:1", "ap:{}:z", "{", "{a}{b}", "ap:{ns/n#3}:dirty", "héllo", "ap:pipelines"]:
+        assert key_slot(key) == redis.crc.key_slot(key.encode()), key
+
+
+def test_shard_tags_keep_shard_zero_and_spread_the_rest_over_the_ring() -> None:
+    from analytics_pipeline.core.keys import CLUSTER_SLOTS, PipelineKeys, shard_tags, tag_from_key
+
+    assert shard_tags("default/web", 1) == ["default/web"]
+    assert PipelineKeys("default/web").base == "ap:{default/web}:"  # one shard: today's layout
+    for shards in (2, 3, 5):
+        tags = shard_tags("default/web", shards)
+        assert tags[0] == "default/web" and len(set(tags)) == shards
+        slots = [PipelineKeys.of_tag(tag).slot for tag in tags]
+        for k, slot in enumerate(slots):
+            target = (slots[0] + round(k * CLUSTER_SLOTS / shards)) % CLUSTER_SLOTS
+            assert min(abs(slot - target), CLUSTER_SLOTS - abs(slot - target)) <= 16
+        # on three equal slot ranges (what redis-cli --cluster create makes), three shards hit all three
+        if shards == 3:
+            assert len({slot * 3 // CLUSTER_SLOTS for slot in slots}) >= 2
+    keys = PipelineKeys.of_tag(shard_tags("default/web", 3)[1])
+    assert keys.pipeline == "default/web" and tag_from_key(keys.dirty) == keys.tag
+    with pytest.raises(ValueError):
+        PipelineKeys("default/web", "other/web#1")
