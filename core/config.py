@@ -88,6 +88,10 @@ class CountersConfig:
 
     ttl_seconds: int = limits(7 * 86400, ge=3600, le=366 * 86400, doc="TTL of every live Redis bucket")
     granularities: tuple[Granularity, ...] = limits(ALL_GRANULARITIES, min_items=1)
+    # Shard k of N lives under its own hash tag (core/keys.py shard_tags), so on a Redis Cluster the N
+    # shards spread over the masters. 1 keeps today's one-tag layout. Changing it on a live pipeline is
+    # safe: old shards are drained by the flusher and read by queries until empty (docs/SCALING.md).
+    shards: int = limits(1, ge=1, le=256, doc="Redis hash tags (cluster slots) the pipeline's counters spread over")
 
     def __post_init__(self) -> None:
         if len(set(self.granularities)) != len(self.granularities):
@@ -149,6 +153,11 @@ class ServerConfig:
     # on `host` (loopback). None = no second listener (outside Kubernetes; the main one serves all routes).
     health_host: str = "0.0.0.0"
     health_port: int | None = limits(None, ge=0, le=65535, doc="None: no probe listener; 0: any free port")
+    # --- Replicated acks (docs/SCALING.md): after each group commit, WAIT for this many replicas to have it;
+    # fewer within wait_replicas_timeout_seconds -> the write is in doubt and is settled by the fence logic
+    # (200 once replicated, 503 if a failover lost it), never counted twice. 0: ack once the master has it.
+    wait_replicas: int = limits(0, ge=0, le=16, doc="replicas that must hold a write before it is acked")
+    wait_replicas_timeout_seconds: float = limits(1.0, gt=0, le=60, doc="how long one WAIT may take")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +186,8 @@ class RedisConfig:
     # refuses writes and the flusher (which frees memory) always has room to run.
     memory_high_water_ratio: float = limits(0.9, gt=0, le=1)
     memory_check_interval_seconds: float = limits(1.0, ge=0.05, le=60, doc="how often INFO memory is sampled")
+    # Redis Cluster: "auto" asks the server (INFO cluster) on connect; "on"/"off" force it (docs/SCALING.md).
+    cluster: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True, slots=True)

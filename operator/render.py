@@ -31,11 +31,11 @@ DEFAULT_FLUSHER_RESOURCES = {"requests": {"cpu": "50m", "memory": "128Mi"}, "lim
 DEFAULT_INTERVAL = "5m"
 
 DEFAULTS: dict[str, Any] = {
-    "redis": {"secretRef": {"name": None, "key": "redis-url"}},
+    "redis": {"secretRef": {"name": None, "key": "redis-url"}, "cluster": "auto"},
     # readSecretRef: a read-only role's connection string for the sidecar (the flusher keeps secretRef's).
     "postgres": {"secretRef": {"name": None, "key": "database-url"},
                  "readSecretRef": {"name": None, "key": "database-read-url"}},
-    "counters": {"ttlSeconds": 7 * 86400, "granularities": ["daily", "hourly", "user_daily"]},
+    "counters": {"ttlSeconds": 7 * 86400, "granularities": ["daily", "hourly", "user_daily"], "shards": 1},
     "ingest": {
         "maxEventBytes": 32 * 1024,
         "maxRequestBytes": 500 * 1024,
@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "exposeIngest": False,  # host is used beyond loopback only when this is true
         "port": 8787,
         "healthPort": 8788,
+        "waitReplicas": 0,
         "resources": DEFAULT_SIDECAR_RESOURCES,
     },
     "flusher": {
@@ -77,6 +78,9 @@ DEFAULTS: dict[str, Any] = {
 CONFIG_FIELDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("counters", "ttlSeconds"): ("counters", "ttl_seconds"),
     ("counters", "granularities"): ("counters", "granularities"),
+    ("counters", "shards"): ("counters", "shards"),
+    ("redis", "cluster"): ("redis", "cluster"),
+    ("sidecar", "waitReplicas"): ("server", "wait_replicas"),
     ("ingest", "maxEventBytes"): ("ingest", "max_event_bytes"),
     ("ingest", "maxRequestBytes"): ("ingest", "max_request_bytes"),
     ("ingest", "maxBatchEvents"): ("ingest", "max_batch_events"),
