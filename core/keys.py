@@ -113,6 +113,13 @@ def shard_tags(pipeline: str, shards: int) -> list[str]:
     return tags
 
 
+def sidecar_shard_tag(pipeline: str, shards: int, pod_name: str) -> str:
+    """The shard a sidecar writes to: a stable hash of its pod name picks one of ``shard_tags``."""
+    if shards <= 1:
+        return pipeline
+    return shard_tags(pipeline, shards)[crc16(pod_name.encode()) % shards]
+
+
 def pipeline_of_tag(tag: str) -> str:
     """The pipeline a shard tag belongs to (``ns/name#123`` -> ``ns/name``)."""
     return tag.partition(SHARD_SEPARATOR)[0]

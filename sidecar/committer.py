@@ -97,8 +97,8 @@ class GroupCommitter:
     """Batches submitted events into atomic Lua writes; see the module docstring for the protocol."""
 
     def __init__(self, config: Config, metrics: SidecarMetrics | None = None,
-                 fence_deadline_seconds: float | None = None) -> None:
-        self.keys = PipelineKeys(config.pipeline)
+                 fence_deadline_seconds: float | None = None, tag: str | None = None) -> None:
+        self.keys = PipelineKeys(config.pipeline, tag)  # tag: which shard (core/keys.py); None = shard 0
         self.pipeline = config.pipeline
         self.metrics = metrics or SidecarMetrics()
         self.settings = CommitSettings.from_config(config)
@@ -401,7 +401,7 @@ class GroupCommitter:
         Re-done every REGISTER_EVERY_SECONDS and after a reconnect, in case Redis lost the set.
         """
         try:
-            await lane.execute("SADD", PIPELINES_SET, self.pipeline)
+            await lane.execute("SADD", PIPELINES_SET, self.keys.tag)
         except RedisReplyError as error:
             raise CommitFailed("redis_error", f"Redis refused to register the pipeline: {error}") from None
         except _AMBIGUOUS as error:
