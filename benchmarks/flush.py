@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import Config, parse_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys, user_field
-from analytics_pipeline.flusher.db import connect
+from analytics_pipeline.core.postgres import connect
 from analytics_pipeline.flusher.migrate import apply_schema
 from analytics_pipeline.flusher.run import PipelineFlush
 from analytics_pipeline.flusher.store import PIPELINE_TABLES

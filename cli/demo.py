@@ -38,12 +38,12 @@ import orjson
 import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import ENV_CONFIG_FILE, Config, load_config, read_config_file
-from analytics_pipeline.core.queries import Queries
+from analytics_pipeline.core.postgres import connect, create_pool
 from analytics_pipeline.core.services import ServiceError, Services, local_services
-from analytics_pipeline.flusher.db import connect, create_pool
 from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, REDIS_CONNECTION_ERRORS, FlushError, describe
 from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
 from analytics_pipeline.flusher.run import PipelineStats, flush_pipeline
+from analytics_pipeline.reads.queries import Queries
 
 from .demo_check import Tally, Window, compare, expected_tally, http_tally, observed_tally, storage_split
 from .demo_report import day_table, marks, type_table
@@ -500,7 +500,7 @@ class Demo:
             f"analytics-pipeline demo: pipeline {s['pipeline']}, seed {s['seed']}, "
             f"events of {s['window']['from'][:16]} .. {s['window']['to'][:16]} UTC",
             "",
-            "Events by type (numbers from core.queries, PostgreSQL + Redis, one consistent snapshot)",
+            "Events by type (numbers from reads.queries, PostgreSQL + Redis, one consistent snapshot)",
             type_table(expected, observed),
             "",
             "By UTC day ('all days' users: distinct over the whole range, not a sum)",

@@ -26,9 +26,9 @@ import redis.exceptions
 
 from analytics_pipeline.core.config import Config, ConfigError, load_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
+from analytics_pipeline.core.postgres import connect
 from analytics_pipeline.core.redis_requirements import PolicyCheck, check_policy, unchecked
 
-from .db import connect
 from .errors import (
     POSTGRES_CONNECTION_ERRORS,
     REDIS_CONNECTION_ERRORS,

@@ -38,8 +38,8 @@ from typing import Any, Literal, TypeVar
 import asyncpg
 import redis.asyncio as aioredis
 
-from .config import Config
-from .keys import (
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.keys import (
     USER_FIELD_SEPARATOR,
     BucketKind,
     PipelineKeys,
