@@ -42,7 +42,8 @@ from analytics_pipeline.core.postgres import connect, create_pool
 from analytics_pipeline.core.services import ServiceError, Services, local_services
 from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, REDIS_CONNECTION_ERRORS, FlushError, describe
 from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
-from analytics_pipeline.flusher.run import PipelineStats, flush_pipeline
+from analytics_pipeline.flusher.run import PipelineStats
+from analytics_pipeline.flusher.shards import flush_pipeline_shards
 from analytics_pipeline.reads.queries import Queries
 
 from .demo_check import Tally, Window, compare, expected_tally, http_tally, observed_tally, storage_split
@@ -131,7 +132,7 @@ class FlushRecord:
 
 
 class Flushes:
-    """Runs the real flush protocol (``flush_pipeline``) for the demo pipeline, one run at a time."""
+    """Runs the real flush protocol (``flush_pipeline_shards``) for the demo pipeline, one run at a time."""
 
     def __init__(self, client: aioredis.Redis, conn: asyncpg.Connection, config: Config, clock: float, *,
                  first: int = 1, verbose: bool = True) -> None:
@@ -163,7 +164,7 @@ class Flushes:
         if self.verbose:
             say(f"flush #{record.number} started ({reason}; {acked:,} events acknowledged so far)")
         self.started.set()
-        self.task = asyncio.create_task(flush_pipeline(self.client, self.conn, self.config, self.config.pipeline,
+        self.task = asyncio.create_task(flush_pipeline_shards(self.client, self.conn, self.config, self.config.pipeline,
                                                        hook=hook, batch_size=batch_size))
         self.task.add_done_callback(lambda task: self._finished(record, task))
         claim_wait = asyncio.create_task(claimed.wait())
