@@ -237,6 +237,14 @@ async def main_async(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10_000, 100_000] if args.quick else
                                                                           [10_000, 100_000, 1_000_000])
     repeat = args.repeat or (1 if args.quick else 3)
+    if args.unserialized:
+        from analytics_pipeline.flusher import store
+
+        async def no_lock(conn: asyncpg.Connection, pipeline: str) -> None:
+            return None
+
+        store.lock_pipeline = no_lock  # type: ignore[assignment]
+        print("UNSERIALIZED: the shards' applies run in parallel without the pipeline's advisory lock\n")
     shard_counts = [int(s) for s in args.shards.split(",")]
     with benchlib.services(args.database_url, "bench-flush-") as (redis_server, database_url, origin):
         config = parse_config({"pipeline": "bench/flush", "redis_url": redis_server.url,
@@ -316,6 +324,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 10k and 100k counters, once")
     parser.add_argument("--sizes", help="comma-separated counter counts (default 10000,100000,1000000)")
     parser.add_argument("--repeat", type=int, help="repetitions per size (default 3; --quick: 1)")
+    parser.add_argument("--unserialized", action="store_true",
+                        help="measurement only: drop the pipeline's advisory lock, so the shards' applies run in "
+                             "parallel (what the lock costs; rollups are NOT exact then, counters still are)")
     parser.add_argument("--shards", default="1",
                         help="comma-separated shard counts to flush the same counters from (default 1; e.g. 1,3)")
     parser.add_argument("--database-url", help="use this PostgreSQL instead of a throwaway one")
