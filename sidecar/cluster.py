@@ -112,7 +112,7 @@ class Topology:
             await self.refresh(first)
 
     async def _detect(self) -> None:
-        connection = RespConnection(self.address, self.timeout)
+        connection = RespConnection(dataclasses.replace(self.address, db=0), self.timeout)  # no SELECT on a cluster
         try:
             try:
                 await connection.connect()
@@ -226,12 +226,15 @@ class RoutedConnection:
         else:
             key = None if name in _KEYLESS else args[1]
         slot = topology.slot_of(key) if key is not None else None
-        asking: str | None = None
+        asking: str | None = None  # ASK target: this command once, with ASKING
+        moved: str | None = None  # MOVED target: authoritative for this retry, whatever a refresh said
         for _ in range(MAX_REDIRECTS + 1):
             if topology.stale:
                 await topology.ensure()
             if asking is not None:
                 connection = await self._connection(asking)
+            elif moved is not None:
+                connection = await self._connection(moved)
             elif slot is None and self._last is not None and self._last.connected:
                 connection = self._last
             else:
@@ -249,14 +252,14 @@ class RoutedConnection:
                     _, moved_slot, node = text.split()
                     topology.moved(int(moved_slot), node)
                     await topology.ensure(first=node)
-                    asking = None
+                    asking, moved = None, node
                     continue
                 if text.startswith("ASK "):
                     topology.asked()
-                    asking = text.split()[2]
+                    asking, moved = text.split()[2], None
                     continue
-                if text.startswith(REFUSED_PREFIXES):
-                    topology.invalidate()
+                if text.startswith(("CLUSTERDOWN", "MASTERDOWN")):
+                    topology.invalidate()  # a failover under way: ask again who owns the slot
                 raise
             except OSError:
                 topology.invalidate()  # a failover, most likely: who owns the slot now?

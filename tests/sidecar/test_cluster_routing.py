@@ -84,6 +84,15 @@ async def test_three_shards_spread_pods_over_masters(
         client.close()
 
 
+def _replica_totals(port: int, keys: PipelineKeys) -> dict[str, int]:
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        client.execute_command("READONLY")
+        return daily_totals(client, keys)
+    finally:
+        client.close()
+
+
 def _name_on_slot(slot: int) -> str:
     """A pipeline name whose tag hashes to ``slot`` (so a reshard of that one slot moves it)."""
     for number in itertools.count():
@@ -132,3 +141,36 @@ async def test_slot_migrated_under_load_moved_and_ask_totals_exact(
     assert moved >= 1 and asked >= 1
     assert metric(sidecar, "analytics_sidecar_ambiguous_writes_total", outcome="unknown") == 0
     assert stored == tally.acked, (stored, tally.acked)
+
+
+@pytest.mark.slow
+async def test_fence_of_an_unanswered_write_follows_the_failover(
+        redis_cluster: RedisClusterServers, start_sidecar: SidecarFactory, sidecar_config, pipeline: str) -> None:
+    keys = PipelineKeys(pipeline)
+    owner = redis_cluster.owner_of_slot(keys.slot)
+    port = int(owner["port"])  # type: ignore[call-overload]
+    sidecar = await start_sidecar(sidecar_config(redis_url=redis_cluster.url, server={"redis_timeout_seconds": 0.5}),
+                                  fence_deadline_seconds=120)
+    assert (await sidecar.post("/v1/events", {"event": "warm"})).status == 200
+    replica = next(n for n in redis_cluster.cluster_nodes() if n["master"] == owner["id"])
+    await wait_for(lambda: _replica_totals(int(replica["port"]), keys) == {"warm": 1},  # type: ignore[call-overload]
+                   what="the replica to have the acked event")
+    redis_cluster.node(port).pause()  # the script goes out and is never answered: ambiguous
+    request = asyncio.create_task(sidecar.post("/v1/events", {"event": "lost"}))
+    state = sidecar.app[STATE]
+    # Timed out: the lane is free again and nothing is pending, but the request waits for its fence.
+    await wait_for(lambda: state.in_flight == 1 and state.committer.pending_events == 0
+                   and state.committer.writes_in_flight == 0, what="the write to time out")
+    redis_cluster.kill(port)  # it dies with the script unread; its replica takes over
+    await asyncio.to_thread(redis_cluster.wait_promoted, port)
+    answer = await request
+    # The fence went to the slot's new master, won there, and so the write can never apply.
+    assert answer.status == 503, answer.body
+    assert metric(sidecar, "analytics_sidecar_ambiguous_writes_total", outcome="fenced") == 1
+    assert (await sidecar.post("/v1/events", {"event": "after"})).status == 200
+    live = redis_cluster.live_masters()[0]["port"]
+    client = RedisCluster(host="127.0.0.1", port=live, decode_responses=True)  # type: ignore[arg-type]
+    try:
+        assert daily_totals(client, keys) == {"warm": 1, "after": 1}
+    finally:
+        client.close()
