@@ -26,6 +26,12 @@ IN_DOUBT = "analytics_sidecar_replication_in_doubt_total"
 AMBIGUOUS = "analytics_sidecar_ambiguous_writes_total"
 
 
+def _slow_waits(sidecar: object) -> float:
+    """WAITs that took longer than 0.25 s (those that timed out, with wait_replicas_timeout_seconds 0.5)."""
+    return metric(sidecar, WAITS) - metric(sidecar, "analytics_sidecar_wait_replicas_seconds_bucket",  # type: ignore[arg-type]
+                                           le="0.25")
+
+
 def _failures(sidecar: object) -> dict[str, float]:
     """Group commits not applied, by reason."""
     found = {}
@@ -112,6 +118,30 @@ async def test_replica_gone_past_the_deadline_is_503_never_counted_twice(
     assert _count(master, keys) == {"doubtful": 1, "later": 1}
 
 
+async def test_write_lost_with_its_master_is_fenced_503_not_counted(
+        master_and_replica: tuple[RedisServer, RedisServer], start_sidecar: SidecarFactory, sidecar_config,
+        keys: PipelineKeys) -> None:
+    master, replica = master_and_replica
+    config = sidecar_config(redis_url=master.url, server={"wait_replicas": 1, "wait_replicas_timeout_seconds": 0.2})
+    sidecar = await start_sidecar(config, fence_deadline_seconds=120)
+    replica.pause()
+    try:
+        request = asyncio.create_task(sidecar.post("/v1/events", {"event": "doomed"}))
+        await wait_for(lambda: metric(sidecar, WAITS) >= 1, what="the WAIT of the commit")
+        assert _count(master, keys) == {"doomed": 1}  # applied on the master only: in doubt
+        master.kill()  # the master dies before any replica had the write; it comes back empty
+        master.start()
+        answer = await request
+    finally:
+        replica.resume()
+    # The fence won on the master now in charge: the write is gone and can never apply.
+    assert answer.status == 503, answer.body
+    assert metric(sidecar, IN_DOUBT, outcome="fenced") == 1
+    assert _count(master, keys) == {}
+    assert (await sidecar.post("/v1/events", {"event": "later"})).status == 200
+    assert _count(master, keys) == {"later": 1}
+
+
 async def _master_killed_under_load(cluster: RedisClusterServers, start_sidecar: SidecarFactory, sidecar_config,
                                     keys: PipelineKeys, wait_replicas: int) -> tuple[Tally, dict[str, int], object]:
     owner = cluster.owner_of_slot(keys.slot)
@@ -127,7 +157,11 @@ async def _master_killed_under_load(cluster: RedisClusterServers, start_sidecar:
         cluster.kill(port)
         await asyncio.to_thread(cluster.wait_promoted, port)
         if wait_replicas:
-            cluster.node(port).start()  # the old master comes back as the new master's replica
+            # The promoted replica has no replica of its own: its writes' WAIT comes back short, so
+            # they are in doubt and held. Only then does the old master come back, as its replica.
+            slow = _slow_waits(sidecar)
+            await wait_for(lambda: _slow_waits(sidecar) > slow, what="a WAIT to come back short")
+            cluster.node(port).start()
         after = tally.answers.get(200, 0)
         await wait_for(lambda: tally.answers.get(200, 0) >= after + 200, seconds=120, what="writes after failover")
     finally:
@@ -151,6 +185,7 @@ async def test_master_killed_with_wait_replicas_loses_no_acked_event(
           f"fenced {metric(sidecar, IN_DOUBT, outcome='fenced'):.0f}, ambiguous "  # type: ignore[arg-type]
           f"{ {o: metric(sidecar, AMBIGUOUS, outcome=o) for o in ('applied', 'fenced')} }, "  # type: ignore[arg-type]
           f"failures {_failures(sidecar)}")
+    assert metric(sidecar, IN_DOUBT, outcome="applied") >= 1  # type: ignore[arg-type]
     for outcome in ("unknown",):
         assert metric(sidecar, IN_DOUBT, outcome=outcome) == 0  # type: ignore[arg-type]
         assert metric(sidecar, AMBIGUOUS, outcome=outcome) == 0  # type: ignore[arg-type]
