@@ -17,6 +17,7 @@ from support import make_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys, key_slot, sidecar_shard_tag
 from analytics_pipeline.core.services import RedisClusterServers
 from analytics_pipeline.sidecar.appkeys import STATE
+from analytics_pipeline.sidecar.committer import GroupCommitter
 
 REDIRECTS = "analytics_sidecar_redis_redirects_total"
 
@@ -174,3 +175,38 @@ async def test_fence_of_an_unanswered_write_follows_the_failover(
         assert daily_totals(client, keys) == {"warm": 1, "after": 1}
     finally:
         client.close()
+
+
+async def test_ask_sends_asking_and_the_command_to_the_importing_node(
+        redis_cluster: RedisClusterServers, sidecar_config, pipeline: str) -> None:
+    """A slot half-migrated by hand: a single-key command for a key not on the source follows ASK
+    (ASKING + command on one connection, the map unchanged) and lands on the importing node."""
+    keys = PipelineKeys(pipeline)
+    source = redis_cluster.owner_of_slot(keys.slot)
+    target = next(m for m in redis_cluster.live_masters() if m["id"] != source["id"])
+    src = redis.Redis(port=source["port"])  # type: ignore[arg-type]
+    dst = redis.Redis(port=target["port"])  # type: ignore[arg-type]
+    committer = GroupCommitter(sidecar_config(redis_url=redis_cluster.url), fence_deadline_seconds=30)
+    try:
+        dst.execute_command("CLUSTER", "SETSLOT", keys.slot, "IMPORTING", source["id"])
+        src.execute_command("CLUSTER", "SETSLOT", keys.slot, "MIGRATING", target["id"])
+        token = keys.group_commit("ask-test")
+        assert await committer.fence(token) is None  # the fence won, on the importing node
+        assert metric_value(committer, REDIRECTS, kind="ask") == 1
+        assert metric_value(committer, REDIRECTS, kind="moved") == 0
+        assert committer.topology.owner(keys.slot) == f"127.0.0.1:{source['port']}"  # ASK changes no map
+        pipe = dst.pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.get(token)
+        assert pipe.execute()[1] == b"fenced"
+        with pytest.raises(redis.exceptions.AskError):  # the source does not have it: it asks us elsewhere
+            src.exists(token)
+    finally:
+        await committer.close()
+        for client in (src, dst):
+            client.execute_command("CLUSTER", "SETSLOT", keys.slot, "STABLE")
+            client.close()
+
+
+def metric_value(committer: GroupCommitter, name: str, **labels: str) -> float:
+    return committer.metrics.registry.get_sample_value(name, labels) or 0.0
