@@ -100,6 +100,8 @@ async def async_client(url: str, mode: ClusterMode = "auto", *, decode_responses
 
     options = {**_options(decode_responses, timeout, connect_timeout), **kwargs}
     cluster = mode == "on" or (mode == "auto" and await detect_cluster(url, timeout))
+    if mode == "on" and _db_of(url) and not await detect_cluster(url, timeout):
+        raise RedisModeError(FIX_ON.format(url=_redact(url)))  # the first thing to fix, before the database
     client = _make_async(url, cluster, options)
     if cluster:
         try:

@@ -49,6 +49,9 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
+    # a Redis Cluster between a master's death and its replica's promotion: retry later, nothing is lost
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.SlotNotCoveredError,
 )
 
 
