@@ -24,6 +24,7 @@ FIX_OFF = ("REDIS_URL names a node of a Redis Cluster but redis.cluster is 'off'
            "(or on; CR spec.redis.cluster) so the cluster client follows the slot map")
 FIX_ON = ("redis.cluster is 'on' but {url} is not a Redis Cluster node (cluster_enabled:0): set redis.cluster: "
           "auto (or off; CR spec.redis.cluster), or point REDIS_URL at a cluster node")
+_SELECT_REFUSED = "SELECT is not allowed in cluster mode"
 
 
 class RedisModeError(ValueError):
@@ -62,10 +63,15 @@ def _check_cluster_url(url: str) -> None:
 async def detect_cluster(url: str, timeout: float | None = 5.0) -> bool:  # noqa: ASYNC109 (socket timeout)
     """Ask the node ``url`` names whether it runs in cluster mode (``INFO cluster``)."""
     import redis.asyncio as aioredis
+    import redis.exceptions
 
     probe = aioredis.Redis.from_url(url, single_connection_client=True, **_options(True, timeout, None))
     try:
         return cluster_enabled(await probe.info("cluster"))
+    except redis.exceptions.ResponseError as error:
+        if _SELECT_REFUSED in str(error):  # the URL names a database: only a cluster node refuses SELECT so
+            return True
+        raise
     finally:
         await probe.aclose()
 
@@ -77,6 +83,10 @@ def detect_cluster_sync(url: str, timeout: float | None = 5.0) -> bool:
     probe = redis.Redis.from_url(url, **_options(True, timeout, None))
     try:
         return cluster_enabled(probe.info("cluster"))  # type: ignore[arg-type]
+    except redis.exceptions.ResponseError as error:
+        if _SELECT_REFUSED in str(error):
+            return True
+        raise
     finally:
         probe.close()
 

@@ -26,6 +26,7 @@ from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
 from analytics_pipeline.core.queries import Queries
 from analytics_pipeline.core.redis_clients import async_client
 from analytics_pipeline.core.services import RedisClusterServers
+from analytics_pipeline.demo_stack import remove_pipeline_data
 from analytics_pipeline.flusher.run import PipelineFlush, flush_pipeline
 from analytics_pipeline.sidecar.appkeys import CONFIG, REDIS
 from analytics_pipeline.sidecar.query_routes import setup_query_routes
@@ -180,6 +181,14 @@ async def test_flush_and_queries_on_three_masters(redis_cluster: RedisClusterSer
     code, out, err = await run_cli_async(["flush", "--all"], flush_env(writers[0].config))
     assert code == 0, err
     await totals(pg, writers)
+    # the demo's cleanup SCANs every master (RedisCluster.scan_iter) and deletes each pipeline's keys
+    for writer in writers:
+        await writer.write(events(3))
+    assert {key async for key in cluster_client.scan_iter(match="ap:{*", count=1000)}
+    for name in names:
+        await remove_pipeline_data(cluster_client, pg, name)  # type: ignore[arg-type]
+    assert [key async for key in cluster_client.scan_iter(match="ap:{*", count=1000)] == []
+    assert not set(names) & await cluster_client.smembers(PIPELINES_SET)
 
 
 async def test_evicting_policy_on_one_master_is_refused_naming_it(redis_cluster: RedisClusterServers,
