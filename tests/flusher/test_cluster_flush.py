@@ -328,3 +328,31 @@ async def test_flusher_killed_after_its_claim_then_master_killed_counts_exactly_
         assert_clean(await redis_leftovers(client, PipelineKeys(pipeline)))  # type: ignore[arg-type]
     finally:
         await client.aclose()
+
+
+async def test_slot_moved_mid_run_is_followed_by_the_claim_link(
+        redis_cluster: RedisClusterServers, cluster_client: aioredis.RedisCluster, pg: asyncpg.Connection,
+        pipeline: str, database_url: str, rows: list[str]) -> None:
+    """The pipeline's slot migrates (redis-cli --cluster reshard) after the run opened its claim link: the
+    claim gets MOVED there, the link follows the new slot map, the claim is WAITed for on the new owner."""
+    master = redis_cluster.live_masters()[0]
+    low = master["slots"][0][0]  # type: ignore[index]
+    name = next(f"{pipeline}-{i}" for i in range(1_000_000) if PipelineKeys(f"{pipeline}-{i}").slot == low)
+    rows.append(name)
+    config = make_config(name, redis_cluster.url, database_url)
+    writer = ClusterWriter(cluster_client, config)
+    await writer.write(events(30))
+    target = redis_cluster.live_masters()[1]
+
+    async def migrate(step: str) -> None:
+        if step == "after_recover":  # reshard moves the source's lowest slots first: this pipeline's
+            redis_cluster.reshard(str(master["id"]), str(target["id"]), 1)
+            assert redis_cluster.owner_of_slot(low)["port"] == target["port"]
+
+    flush = PipelineFlush(cluster_client, pg, config, name, hook=migrate)  # type: ignore[arg-type]
+    stats = await flush.run()
+    assert stats.error is None, stats.error
+    assert stats.units >= 1 and stats.replicas_required == 1
+    assert flush.link.node == f"127.0.0.1:{target['port']}"  # the claim ran (and was WAITed for) there
+    assert await pg_counters(pg, name) == writer.expected
+    assert_clean(await redis_leftovers(cluster_client, PipelineKeys(name)))  # type: ignore[arg-type]
