@@ -95,6 +95,8 @@ def summarize(stats: list[PipelineStats], duration_s: float) -> dict[str, Any]:
         "retention_deleted_rows": sum(s.retention_deleted_rows for s in stats),
         "dead_lettered_units": sum(s.dead_lettered_units for s in stats),
         "dead_letter_units": sum(s.dead_letter_units for s in stats),
+        # claims left in flight because too few replicas acknowledged them (docs/flush-protocol.md)
+        "unreplicated_units": sum(len(s.unreplicated_units) for s in stats),
         "locked_pipelines": [s.pipeline for s in stats if s.locked],
         "errors": errors,
         "pipelines": {s.pipeline: s.as_dict() for s in stats},
