@@ -56,21 +56,36 @@ class ClaimLink:
         self.link: aioredis.Redis | None = None
 
     async def open(self) -> int:
-        """Connect to the slot's master; returns how many replicas each claim must reach (0: no WAIT)."""
+        """Connect to the slot's master; returns how many replicas each claim must reach (0: no WAIT).
+
+        On a cluster a master that does not answer may have failed over since the slot map was read (a
+        long-lived flusher: ``flush --loop``, the demo): the map is reloaded once and the new owner tried.
+        """
         await self.close()
-        link = self._connect()
-        try:
-            if self.wanted:
-                self.required = self.wanted
-            else:
-                self.required = connected_replicas(await link.info("replication"))
-        except redis.exceptions.ResponseError as error:  # INFO refused (ACL): nothing to wait for known
-            log.warning("pipeline %s: cannot read INFO replication on %s (%s): claims are not WAITed for; set "
-                        "server.wait_replicas to require replicas", self.keys.pipeline, self.node, error)
-            self.required = 0
-        except BaseException:
-            await link.aclose()
-            raise
+        for attempt in (1, 2):
+            link = self._connect()
+            try:
+                await link.ping()  # connects: a dead master fails here, before anything is claimed
+                if self.wanted:
+                    self.required = self.wanted
+                else:
+                    self.required = connected_replicas(await link.info("replication"))
+            except redis.exceptions.ResponseError as error:  # INFO refused (ACL): nothing to wait for known
+                log.warning("pipeline %s: cannot read INFO replication on %s (%s): claims are not WAITed for; set "
+                            "server.wait_replicas to require replicas", self.keys.pipeline, self.node, error)
+                self.required = 0
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                await link.aclose()
+                if attempt == 2 or not is_cluster_client(self.client):
+                    raise
+                log.info("pipeline %s: master %s does not answer; reloading the cluster's slot map",
+                         self.keys.pipeline, self.node)
+                await self.client.nodes_manager.initialize()  # type: ignore[attr-defined]
+                continue
+            except BaseException:
+                await link.aclose()
+                raise
+            break
         self.link = link
         if not self.required:
             await self.close()  # no replicas: claims go through the flusher's client, as on a lone Redis

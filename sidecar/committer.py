@@ -559,8 +559,12 @@ class GroupCommitter:
                 if found is None or found == b"fenced" or not wait_replicas:
                     return found  # type: ignore[no-any-return]
                 await connection.execute("PEXPIRE", token_key, FENCE_TTL_MS)
-                acked = await connection.execute_within(s.wait_timeout_seconds + s.timeout_seconds, "WAIT",
-                                                        wait_replicas, max(1, round(s.wait_timeout_seconds * 1000)))
+                asked = time.perf_counter()
+                try:
+                    acked = await connection.execute_within(s.wait_timeout_seconds + s.timeout_seconds, "WAIT",
+                                                            wait_replicas, max(1, round(s.wait_timeout_seconds * 1000)))
+                finally:  # every WAIT shows in the histogram, those settling a write in doubt too
+                    self.metrics.wait_seconds.observe(time.perf_counter() - asked)
                 if int(acked) >= wait_replicas:
                     return found  # type: ignore[no-any-return]
                 log.debug("commit %s found but only %s replica(s) confirm it; asking again", token_key, acked)

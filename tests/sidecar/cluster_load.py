@@ -68,5 +68,5 @@ async def wait_for(condition: Any, seconds: float = 60.0, what: str = "condition
     deadline = loop.time() + seconds
     while not condition():
         if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.05)
