@@ -89,8 +89,12 @@ class FlushRun:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-async def fill(client: aioredis.Redis, keys: PipelineKeys, counters: int, ttl: int, day_count: int = DAYS) -> Filled:
-    """Write ``counters`` distinct counters like the sidecar does; returns the expected totals."""
+async def fill(client: aioredis.Redis, keys: PipelineKeys, counters: int, ttl: int, day_count: int = DAYS,
+               user_prefix: str = "user-") -> Filled:
+    """Write ``counters`` distinct counters like the sidecar does; returns the expected totals.
+
+    ``user_prefix`` names the users (shards of one pipeline filled with different prefixes hold different
+    users, as pods behind different shards mostly do)."""
     started = time.monotonic()
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     days = [today - timedelta(days=n) for n in range(day_count)]
@@ -119,7 +123,7 @@ async def fill(client: aioredis.Redis, keys: PipelineKeys, counters: int, ttl: i
         bucket = hashes.setdefault(keys.user_daily(day), {})
         for i in range(share):
             count = 1 + i % 3
-            bucket[user_field(EVENT_TYPES[i % len(EVENT_TYPES)], f"user-{i // len(EVENT_TYPES):07d}")] = count
+            bucket[user_field(EVENT_TYPES[i % len(EVENT_TYPES)], f"{user_prefix}{i // len(EVENT_TYPES):07d}")] = count
             result.user_daily += count
     now_ms = int(time.time() * 1000)
     async with client.pipeline(transaction=False) as pipe:
@@ -135,7 +139,7 @@ async def fill(client: aioredis.Redis, keys: PipelineKeys, counters: int, ttl: i
             if queued >= 200:
                 await pipe.execute()
                 queued = 0
-        pipe.sadd(PIPELINES_SET, keys.pipeline)
+        pipe.sadd(PIPELINES_SET, keys.tag)  # a shard registers its tag (shard 0: the pipeline name)
         await pipe.execute()
     result.seconds = time.monotonic() - started
     return result
