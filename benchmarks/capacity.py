@@ -63,6 +63,7 @@ from analytics_pipeline.flusher.run import PipelineFlush
 # Tables whose size a flush grows (the ledger and dead-letter tables are bookkeeping, a row per unit).
 SIZED_TABLES = ("analytics_daily", "analytics_hourly", "analytics_user_daily", "analytics_daily_uniques",
                 "analytics_user_last_seen")
+QUIET_CEILING_US = 23.7  # ingest.py's ceiling, CPU us per request at c=32, 2026-11-28 (docs/PERFORMANCE.md)
 # The throwaway PostgreSQL with production's durability (the tests turn these off): WAL bytes include
 # full-page images, and every commit waits for its WAL flush.
 PRODUCTION_POSTGRES = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
@@ -136,6 +137,7 @@ def measure_sidecar(args: argparse.Namespace, repeat: int, seconds: float) -> di
     target = ingest.Target("sidecar", "sidecar", "uvloop")
     figures: list[SidecarFigure] = []
     idle: list[tuple[float, float]] = []
+    calibration: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as scratch:
         redis_server = RedisServer(Path(scratch) / "redis").start()
         try:
@@ -164,11 +166,20 @@ def measure_sidecar(args: argparse.Namespace, repeat: int, seconds: float) -> di
                           f"us/req {figure.redis_us_per_event:6.2f} us/ev  script {figure.script_us_per_commit:5.1f} "
                           f"us/commit of {figure.events_per_commit:5.1f} ev  "
                           f"[{'OK' if run.verified else 'FAIL: Redis does not hold what was acked'}]", flush=True)
+                # Calibration: the do-nothing aiohttp server (ingest.py's ceiling) took 23.7 us/request at c=32
+                # on a quiet day (docs/PERFORMANCE.md, 2026-11-28): its figure now says how busy the machine is.
+                ceiling = ingest.measure(wrk, ingest.Target("ceiling", "ceiling", "uvloop"), ingest.Load(
+                    "single", 1, 32), rep, redis_server, client, seconds, args.warmup, 1, Path(scratch))
+                calibration.append(ceiling.cpu_us_per_request)
+                print(f"  rep {rep} ceiling (do-nothing aiohttp, c=32) {ceiling.rps:>8,.0f} req/s  "
+                      f"{ceiling.cpu_us_per_request:6.1f} us/req (quiet day: {QUIET_CEILING_US} us/req)", flush=True)
         finally:
             redis_server.stop()
     result: dict[str, Any] = {"idle_sidecar_cores": benchlib.stat([i[0] for i in idle]).median,
                               "idle_redis_cores": benchlib.stat([i[1] for i in idle]).median,
                               "idle_sidecar_cores_all": [i[0] for i in idle],
+                              "ceiling_us_per_request_all": calibration,
+                              "ceiling_us_per_request": benchlib.stat(calibration).median,
                               "batch": args.batch, "loads": {}, "runs": [asdict(f) for f in figures],
                               "verified": all(f.verified for f in figures)}
     for load in loads:
@@ -204,6 +215,10 @@ def show_sidecar(result: dict[str, Any]) -> None:
                           "Redis us/ev", "script us/commit", "ev/commit", "Redis ok"], rows))
     print("  us: CPU microseconds (utime+stime from /proc of the process); script us/commit: INFO commandstats of "
           "the commit script (its run time alone, without the event loop and socket I/O Redis also spends)")
+    ceiling = benchlib.stat(result["ceiling_us_per_request_all"])
+    print(f"Calibration: do-nothing aiohttp server {ceiling.show('{:.1f}')} us/request at c=32; "
+          f"{QUIET_CEILING_US} on a quiet day (docs/PERFORMANCE.md): this run's CPU figures are "
+          f"{ceiling.median / QUIET_CEILING_US:.2f}x a quiet machine's")
     idle_all = benchlib.stat(result["idle_sidecar_cores_all"])
     print(f"Idle sidecar: {idle_all.show('{:.4f}')} cores; its Redis {result['idle_redis_cores']:.4f} cores\n")
 
@@ -352,7 +367,9 @@ async def measure_flush_async(args: argparse.Namespace, repeat: int, size: int) 
             "postgres_us_per_row": benchlib.stat([f.per_row(f.postgres_cpu_s) * 1e6 for f in mine]).median,
             "redis_us_per_row": benchlib.stat([f.per_row(f.redis_cpu_s) * 1e6 for f in mine]).median,
             "wal_bytes_per_row": benchlib.stat([f.per_row(f.wal_bytes) for f in mine]).median,
-            "table_bytes_per_row": benchlib.stat([f.per_row(f.table_bytes) for f in mine]).median,
+            # The largest growth: a repetition after the first may reuse space the previous one's rows
+            # left (deleted and vacuumed), so only the largest is the size of rows in new space.
+            "table_bytes_per_row": max(f.per_row(f.table_bytes) for f in mine),
         }
     return result
 
@@ -376,7 +393,8 @@ def show_flush(result: dict[str, Any]) -> None:
                           "size B/row", "totals exact"], rows))
     print("  WAL B/row: pg_current_wal_lsn() delta over the flush / rows, right after a CHECKPOINT, "
           f"full_page_writes={result['settings']['full_page_writes']}; size B/row: growth of table + indexes "
-          "(rollups included) / rows\n")
+          "(rollups included) / rows; smaller figures: a repetition reusing the space the previous one's rows "
+          "left; the model takes the largest\n")
 
 
 # ============================================================================================== model
