@@ -29,6 +29,7 @@ COPY core/ core/
 COPY sidecar/ sidecar/
 COPY flusher/ flusher/
 COPY operator/ operator/
+COPY reads/ reads/
 RUN pip wheel --no-deps --wheel-dir /wheels .
 # Leave /src before running Python: its operator/ folder would shadow the standard library's `operator`.
 # --no-deps: the dependencies are the locked ones above; `pip check` proves they satisfy the package.

@@ -42,10 +42,10 @@ from query import Timing
 
 from analytics_pipeline.core.config import Config, parse_config
 from analytics_pipeline.core.keys import PipelineKeys
-from analytics_pipeline.core.queries import Queries
-from analytics_pipeline.flusher.db import connect, create_pool
+from analytics_pipeline.core.postgres import connect, create_pool
 from analytics_pipeline.flusher.migrate import apply_schema, schema_sql
 from analytics_pipeline.flusher.partitions import PARTITIONED, ensure_partitions, month_start, next_month
+from analytics_pipeline.reads.queries import Queries
 
 LAYOUTS = ("unpartitioned", "partitioned")
 

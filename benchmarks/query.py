@@ -1,4 +1,4 @@
-"""Query benchmark: the dashboard's queries through core/queries.py over a year of data.
+"""Query benchmark: the dashboard's queries through reads/queries.py over a year of data.
 
     .venv/bin/python benchmarks/query.py            # 3 rounds per query (~3 min with data generation)
     .venv/bin/python benchmarks/query.py --quick    # 30 days of per-user data, 1 round (~30 s)
@@ -41,11 +41,11 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import parse_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys, user_field
-from analytics_pipeline.core.queries import Queries
-from analytics_pipeline.flusher.db import create_pool
+from analytics_pipeline.core.postgres import create_pool
 from analytics_pipeline.flusher.migrate import apply_schema
 from analytics_pipeline.flusher.partitions import PARTITIONED, ensure_partitions, month_start
 from analytics_pipeline.flusher.store import PIPELINE_TABLES, rebuild_rollups
+from analytics_pipeline.reads.queries import Queries
 
 EVENT_TYPES = 20
 USERS = 100_000

@@ -38,12 +38,13 @@ import orjson
 import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import ENV_CONFIG_FILE, Config, load_config, read_config_file
-from analytics_pipeline.core.queries import Queries
+from analytics_pipeline.core.postgres import connect, create_pool
 from analytics_pipeline.core.services import ServiceError, Services, local_services
-from analytics_pipeline.flusher.db import connect, create_pool
 from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, REDIS_CONNECTION_ERRORS, FlushError, describe
 from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
-from analytics_pipeline.flusher.run import PipelineStats, flush_pipeline
+from analytics_pipeline.flusher.run import PipelineStats
+from analytics_pipeline.flusher.shards import flush_pipeline_shards
+from analytics_pipeline.reads.queries import Queries
 
 from .demo_check import Tally, Window, compare, expected_tally, http_tally, observed_tally, storage_split
 from .demo_report import day_table, marks, type_table
@@ -131,7 +132,7 @@ class FlushRecord:
 
 
 class Flushes:
-    """Runs the real flush protocol (``flush_pipeline``) for the demo pipeline, one run at a time."""
+    """Runs the real flush protocol (``flush_pipeline_shards``) for the demo pipeline, one run at a time."""
 
     def __init__(self, client: aioredis.Redis, conn: asyncpg.Connection, config: Config, clock: float, *,
                  first: int = 1, verbose: bool = True) -> None:
@@ -163,7 +164,7 @@ class Flushes:
         if self.verbose:
             say(f"flush #{record.number} started ({reason}; {acked:,} events acknowledged so far)")
         self.started.set()
-        self.task = asyncio.create_task(flush_pipeline(self.client, self.conn, self.config, self.config.pipeline,
+        self.task = asyncio.create_task(flush_pipeline_shards(self.client, self.conn, self.config, self.config.pipeline,
                                                        hook=hook, batch_size=batch_size))
         self.task.add_done_callback(lambda task: self._finished(record, task))
         claim_wait = asyncio.create_task(claimed.wait())
@@ -500,7 +501,7 @@ class Demo:
             f"analytics-pipeline demo: pipeline {s['pipeline']}, seed {s['seed']}, "
             f"events of {s['window']['from'][:16]} .. {s['window']['to'][:16]} UTC",
             "",
-            "Events by type (numbers from core.queries, PostgreSQL + Redis, one consistent snapshot)",
+            "Events by type (numbers from reads.queries, PostgreSQL + Redis, one consistent snapshot)",
             type_table(expected, observed),
             "",
             "By UTC day ('all days' users: distinct over the whole range, not a sum)",

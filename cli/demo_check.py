@@ -2,7 +2,7 @@
 
 A :class:`Tally` holds the numbers the dashboard shows (per event type, per day, per hour, unique
 users per day, distinct users). ``expected_tally`` computes it from the acknowledged events (each
-``message_id`` once); ``observed_tally`` reads it from ``core.queries`` in one consistent snapshot;
+``message_id`` once); ``observed_tally`` reads it from ``reads.queries`` in one consistent snapshot;
 ``http_tally`` reads it from the sidecar's ``/v1`` endpoints; ``compare`` lists every difference.
 """
 
@@ -21,8 +21,8 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from analytics_pipeline.core.keys import PipelineKeys, days_between, hours_between
-from analytics_pipeline.core.queries import Queries
 from analytics_pipeline.flusher.staging import Staging
+from analytics_pipeline.reads.queries import Queries
 
 from .demo_traffic import DemoEvent
 

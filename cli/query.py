@@ -22,21 +22,21 @@ import orjson
 import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import Config, ConfigError, load_config
+from analytics_pipeline.core.errors import (
+    POSTGRES_CONNECTION_ERRORS,
+    REDIS_CONNECTION_ERRORS,
+    describe,
+)
+from analytics_pipeline.core.errors import ServiceError as FlushError
 from analytics_pipeline.core.keys import PipelineKeys
-from analytics_pipeline.core.queries import (
+from analytics_pipeline.core.postgres import connect
+from analytics_pipeline.reads.queries import (
     ConsistencyError,
     Point,
     Queries,
     QueryInputError,
     parse_moment,
     resolve_range,
-)
-from analytics_pipeline.flusher.db import connect
-from analytics_pipeline.flusher.errors import (
-    POSTGRES_CONNECTION_ERRORS,
-    REDIS_CONNECTION_ERRORS,
-    FlushError,
-    describe,
 )
 
 

@@ -173,6 +173,9 @@ class FlushConfig:
     # A unit whose apply failed this many runs in a row is moved to analytics_dead_letter, so the rest of
     # the pipeline flows; `analytics-pipeline deadletter retry|discard` settles it exactly once.
     dead_letter_after_failures: int = limits(3, ge=1, le=1000, doc="failed runs before a unit is set aside")
+    # Shards of one pipeline flushed at once (docs/flush-protocol.md "Shards"), each over its own PostgreSQL
+    # connection; their Redis work overlaps, their applies take turns under the pipeline's advisory lock.
+    shard_concurrency: int = limits(4, ge=1, le=64, doc="shards of a pipeline flushed at once")
 
 
 @dataclass(frozen=True, slots=True)

@@ -272,7 +272,7 @@ class PipelineKeys:
 
     @property
     def claim_hold(self) -> str:
-        """Readers that keep losing the claim_seq race park claims here for a moment (see core/queries.py)."""
+        """Readers that keep losing the claim_seq race park claims here for a moment (see reads/queries.py)."""
         return f"{self.base}claimhold"
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -26,9 +27,10 @@ import redis.exceptions
 
 from analytics_pipeline.core.config import Config, ConfigError, load_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
+from analytics_pipeline.core.postgres import connect
 from analytics_pipeline.core.redis_requirements import PolicyCheck, check_policy, unchecked
+from analytics_pipeline.core.shards import group_tags, registered_tags, valid_tag
 
-from .db import connect
 from .errors import (
     POSTGRES_CONNECTION_ERRORS,
     REDIS_CONNECTION_ERRORS,
@@ -38,7 +40,8 @@ from .errors import (
     describe,
 )
 from .migrate import apply_schema
-from .run import PipelineFlush, PipelineStats
+from .run import PipelineStats
+from .shards import flush_pipeline_shards
 
 log = logging.getLogger("analytics_pipeline.flusher")
 
@@ -66,9 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``analytics-pipeline flush``."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--pipeline", metavar="NS/NAME", help="pipeline to flush (default: the config's pipeline)")
-    which.add_argument("--all", action="store_true", help="flush every pipeline that has written to this Redis")
+    which.add_argument("--all", action="store_true",
+                       help="flush every pipeline that has written to this Redis (all shards of each)")
     parser.add_argument("--batch-size", type=_positive_int, metavar="N",
                         help="buckets per PostgreSQL transaction (default: flush.batch_size)")
+    parser.add_argument("--shard-concurrency", type=_positive_int, metavar="N",
+                        help="shards of a pipeline flushed at once (default: flush.shard_concurrency)")
     parser.add_argument("--no-lock", action="store_true",
                         help="do not take the per-pipeline Redis lock (tests; correctness never depends on it)")
     parser.add_argument("--migrate", action="store_true", help="apply the schema (idempotent) before flushing")
@@ -108,17 +114,10 @@ async def _pipelines(args: argparse.Namespace, config: Config, client: aioredis.
         except ValueError as error:
             raise ConfigError(f"--pipeline: {error}") from None
         return [name]
-    names = sorted(m.decode() if isinstance(m, bytes) else m for m in await client.smembers(PIPELINES_SET))
-    return [name for name in names if _valid(name)]
-
-
-def _valid(name: str) -> bool:
-    try:
-        PipelineKeys(name)
-    except ValueError:
-        log.warning("ignoring %r in %s: not a pipeline name", name, PIPELINES_SET)
-        return False
-    return True
+    tags = await registered_tags(client)
+    for tag in sorted(tag for tag in tags if not valid_tag(tag)):
+        log.warning("ignoring %r in %s: not a pipeline shard tag", tag, PIPELINES_SET)
+    return list(group_tags(tags))  # a pipeline once, whatever number of shards it has
 
 
 async def check_redis_policy(client: aioredis.Redis, config: Config) -> PolicyCheck:
@@ -166,9 +165,10 @@ async def run_once(args: argparse.Namespace, config: Config, stop: asyncio.Event
         for name in pipelines:
             if stop.is_set():
                 break
-            flush = PipelineFlush(client, conn, config, name, batch_size=args.batch_size,
-                                  use_lock=not args.no_lock, stop=stop)
-            stats = await flush.run()
+            stats = await flush_pipeline_shards(
+                client, conn, config, name, connect=functools.partial(connect, config, "analytics-pipeline flush"),
+                concurrency=getattr(args, "shard_concurrency", None), batch_size=args.batch_size,
+                use_lock=not args.no_lock, stop=stop)
             all_stats.append(stats)
             log.info("pipeline %s: %d buckets, %d rows in %.2fs; oldest unflushed %.1fs", name, stats.buckets,
                      stats.rows, stats.duration_s, stats.oldest_unflushed_age_s)

@@ -24,9 +24,9 @@ import orjson
 
 from analytics_pipeline.core.config import ConfigError, load_config
 from analytics_pipeline.core.keys import PipelineKeys
+from analytics_pipeline.core.postgres import connect
 
 from . import deadletter, faults
-from .db import connect
 from .errors import POSTGRES_CONNECTION_ERRORS, FlushError, describe
 
 NOT_FOUND_EXIT = 4

@@ -1,23 +1,27 @@
-"""Flusher failures with the exit code the CLI maps them to (2 = cannot reach a service or bad config)."""
+"""Flusher failures with the exit code the CLI maps them to (2 = cannot reach a service or bad config).
+
+The connection-error helpers live in core/errors.py (the read side shares them); re-exported here.
+"""
 
 from __future__ import annotations
 
-import asyncio
+from analytics_pipeline.core.errors import (
+    POSTGRES_CONNECTION_ERRORS,
+    REDIS_CONNECTION_ERRORS,
+    ServiceUnreachable,
+    describe,
+)
+from analytics_pipeline.core.errors import ServiceError as FlushError
 
-import asyncpg
-import redis.exceptions
-
-
-class FlushError(Exception):
-    """A run failed; the message is the one line shown to the operator."""
-
-    exit_code = 1
-
-
-class ServiceUnreachable(FlushError):
-    """Redis or PostgreSQL cannot be reached (or went away mid-run): nothing is lost, retry later."""
-
-    exit_code = 2
+__all__ = [
+    "POSTGRES_CONNECTION_ERRORS",
+    "REDIS_CONNECTION_ERRORS",
+    "FlushError",
+    "RedisMisconfigured",
+    "SchemaMissing",
+    "ServiceUnreachable",
+    "describe",
+]
 
 
 class RedisMisconfigured(FlushError):
@@ -30,29 +34,3 @@ class SchemaMissing(FlushError):
     """The tables are not there: run ``analytics-pipeline migrate`` (or ``flush --migrate``)."""
 
     exit_code = 2
-
-
-# asyncpg raises these when the server is down, restarts, or the connection is cut.
-POSTGRES_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.QueryCanceledError,
-)
-
-REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-)
-
-
-def describe(error: BaseException) -> str:
-    """A one-line description of an exception (type and message, no traceback)."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text

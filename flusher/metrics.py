@@ -37,6 +37,14 @@ def registry_for(stats: PipelineStats, policy: PolicyCheck | None = None) -> Col
     gauge("analytics_flush_dead_letter_units", "dead-lettered units waiting for 'deadletter retry' or 'discard'",
           stats.dead_letter_units)
     gauge("analytics_flush_last_run_timestamp_seconds", "when the last run ended", time.time())
+    if stats.shards:  # the backlog per shard: one shard falling behind shows, whatever the totals say
+        age = Gauge("analytics_flush_shard_oldest_unflushed_age_seconds", "age of the oldest bucket still waiting "
+                    "in Redis after the last run, per shard", ["shard"], registry=registry)
+        waiting = Gauge("analytics_flush_shard_unflushed_buckets", "dirty buckets waiting in Redis after the last "
+                        "run, per shard", ["shard"], registry=registry)
+        for tag, shard in stats.shards.items():
+            age.labels(tag).set(shard.oldest_unflushed_age_s)
+            waiting.labels(tag).set(shard.unflushed_buckets)
     if policy is not None:
         gauge("analytics_flush_redis_policy_unchecked",
               "1 if Redis refused CONFIG GET maxmemory-policy (managed Redis/ACL): noeviction is not verified",

@@ -21,8 +21,8 @@ import asyncpg
 
 from analytics_pipeline.core.config import Config, ConfigError, load_config
 from analytics_pipeline.core.keys import PipelineKeys
+from analytics_pipeline.core.postgres import connect
 
-from .db import connect
 from .errors import POSTGRES_CONNECTION_ERRORS, FlushError, ServiceUnreachable, describe
 from .partitions import PARTITIONED, ensure_partitions, missing_partitions, month_start, months_ahead, relkinds
 from .store import rebuild_rollups

@@ -1,4 +1,5 @@
-"""One flush run for one pipeline: lock, recover dead units, claim → apply → clean up batch by batch, retention.
+"""One flush run for one pipeline shard: lock, recover dead units, claim → apply → clean up batch by batch,
+retention (the per-pipeline steps: skipped when flusher/shards.py runs them once for all shards).
 
 The protocol (docs/flush-protocol.md): a unit (run id + batch number) is claimed atomically in Redis,
 written to PostgreSQL in one transaction together with its ledger row, and only then removed from
@@ -49,6 +50,7 @@ class PipelineStats:
     """What one run did for one pipeline (the flush command's JSON output is built from these)."""
 
     pipeline: str
+    shard: str | None = None  # the shard's tag (None: the pipeline's totals over its shards)
     run_id: str = ""
     units: int = 0
     buckets: int = 0
@@ -69,20 +71,35 @@ class PipelineStats:
     duration_s: float = 0.0
     error: str | None = None
     exit_code: int = field(default=0, repr=False)
+    shards: dict[str, PipelineStats] = field(default_factory=dict, repr=False)  # per shard (pipeline totals only)
 
     def as_dict(self) -> dict[str, object]:
         data = asdict(self)
         data.pop("exit_code")
+        data["shards"] = {tag: stats.as_dict() for tag, stats in self.shards.items()}
+        if self.shard is None:
+            data.pop("shard")
+        else:
+            data.pop("shards")
         return data
 
 
 class PipelineFlush:
-    """Runs the protocol for one pipeline over one Redis client and one PostgreSQL connection."""
+    """Runs the protocol for one pipeline shard over one Redis client and one PostgreSQL connection.
+
+    ``tag`` picks the shard (None: shard 0, the whole pipeline when it has one shard). With
+    ``pipeline_steps=False`` the per-pipeline steps (retention, dead-letter count) are skipped: of a
+    sharded pipeline's runs only shard 0's does them (flusher/shards.py), with ``keep_units`` listing
+    the in-flight units of every shard (their ledger rows survive retention).
+    """
 
     def __init__(self, client: aioredis.Redis, conn: asyncpg.Connection, config: Config, pipeline: str, *,
                  batch_size: int | None = None, use_lock: bool = True, stop: asyncio.Event | None = None,
-                 hook: Hook | None = None) -> None:
-        self.keys = PipelineKeys(pipeline)
+                 hook: Hook | None = None, tag: str | None = None, pipeline_steps: bool = True,
+                 keep_units: Callable[[], Awaitable[list[str]]] | None = None) -> None:
+        self.keys = PipelineKeys(pipeline, tag)
+        self.pipeline_steps = pipeline_steps
+        self.keep_units = keep_units
         self.staging = Staging(client, self.keys)
         self.conn = conn
         self.config = config
@@ -90,10 +107,11 @@ class PipelineFlush:
         self.use_lock = use_lock
         self.stop = stop or asyncio.Event()
         self.hook = hook
-        self.stats = PipelineStats(pipeline)
+        self.stats = PipelineStats(pipeline, shard=tag)
         self._last_progress = time.monotonic()
 
-    async def _step(self, name: str) -> None:
+    async def step(self, name: str) -> None:
+        """A named protocol step: the fault-injection checkpoint and the test hook."""
         faults.checkpoint(name)
         if self.hook is not None:
             await self.hook(name)
@@ -101,8 +119,14 @@ class PipelineFlush:
     async def run(self) -> PipelineStats:
         """Do the whole run; errors become ``stats.error`` / ``stats.exit_code`` (never raised)."""
         started = time.monotonic()
+        await self.guarded(self._run_locked)
+        self.stats.duration_s = round(time.monotonic() - started, 3)
+        return self.stats
+
+    async def guarded(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work``; its errors become ``stats.error`` / ``stats.exit_code`` (never raised)."""
         try:
-            await self._run_locked()
+            await work()
         except FlushError as error:
             self._fail(error.exit_code, str(error))
         except REDIS_CONNECTION_ERRORS as error:
@@ -117,26 +141,25 @@ class PipelineFlush:
         except (asyncpg.PostgresError, ValueError) as error:
             self._fail(1, f"PostgreSQL: {describe(error)}" if isinstance(error, asyncpg.PostgresError)
                        else describe(error))
-        self.stats.duration_s = round(time.monotonic() - started, 3)
-        return self.stats
 
     def _fail(self, code: int, message: str) -> None:
         self.stats.exit_code = code
         self.stats.error = message
-        log.error("pipeline %s: flush failed: %s", self.keys.pipeline, message)
+        log.error("pipeline %s: flush failed: %s", self.keys.tag, message)
 
     async def _run_locked(self) -> None:
         ttl_ms = self.config.flush.lock_ttl_seconds * 1000
         token = await self._acquire_lock(ttl_ms) if self.use_lock else None
         if self.use_lock and token is None and self.stats.lock_skipped is None:
             self.stats.locked = True
-            log.info("pipeline %s: another flusher holds the lock; skipping", self.keys.pipeline)
+            log.info("pipeline %s: another flusher holds the lock; skipping", self.keys.tag)
             await self._report_backlog()
-            self.stats.dead_letter_units = await deadletter.count(self.conn, self.keys.pipeline)
+            if self.pipeline_steps:
+                self.stats.dead_letter_units = await deadletter.count(self.conn, self.keys.pipeline)
             return
         extender = asyncio.create_task(self._keep_lock(token, ttl_ms)) if token else None
         try:
-            await self._step("after_lock")
+            await self.step("after_lock")
             await self._protocol()
         finally:
             if extender is not None:
@@ -170,7 +193,7 @@ class PipelineFlush:
                                 "keeps the result exact", self.keys.pipeline)
                     return
             except REDIS_CONNECTION_ERRORS as error:
-                log.warning("pipeline %s: could not extend the lock: %s", self.keys.pipeline, describe(error))
+                log.warning("pipeline %s: could not extend the lock: %s", self.keys.tag, describe(error))
 
     async def _protocol(self) -> None:
         # 0. last month's, this month's and the next months' partitions (one catalog query when they exist; the months a
@@ -183,9 +206,9 @@ class PipelineFlush:
         self.stats.recovered_units = len(recovered)
         self.stats.recovered_runs = len({run_id_of(unit_id) for unit_id in recovered})
         if recovered:
-            log.info("pipeline %s: recovered %d unit(s) of %d earlier run(s)", self.keys.pipeline,
+            log.info("pipeline %s: recovered %d unit(s) of %d earlier run(s)", self.keys.tag,
                      len(recovered), self.stats.recovered_runs)
-        await self._step("after_recover")
+        await self.step("after_recover")
         # 2. claim what is dirty now (not what gets re-dirtied meanwhile: the run must end under load)
         budget = await self.staging.dirty_count()
         self.stats.run_id = run_id = new_run_id()
@@ -197,16 +220,20 @@ class PipelineFlush:
             if claim.popped == 0:
                 break
             budget -= claim.popped
-            await self._step("after_claim")
+            await self.step("after_claim")
             if claim.staged_keys:
                 await self._process(unit_id)
         if self.stop.is_set() and budget > 0:
             self.stats.interrupted = True
-        # 3. retention (this pipeline's rows only)
-        self.stats.retention_deleted_rows = await apply_retention(
-            self.conn, self.keys.pipeline, self.config.flush.retention_days, await self.staging.inflight_units())
-        await self._step("after_retention")
+        # 3. retention (this pipeline's rows only; once per pipeline, not per shard)
+        if self.pipeline_steps:
+            keep = await (self.keep_units or self.staging.inflight_units)()
+            self.stats.retention_deleted_rows = await apply_retention(
+                self.conn, self.keys.pipeline, self.config.flush.retention_days, keep)
+            await self.step("after_retention")
         await self._report_backlog()
+        if not self.pipeline_steps:
+            return
         self.stats.dead_letter_units = await deadletter.count(self.conn, self.keys.pipeline)
         if self.stats.dead_letter_units:
             log.warning("pipeline %s: %d dead-lettered unit(s) wait: see 'analytics-pipeline deadletter list'",
@@ -227,19 +254,19 @@ class PipelineFlush:
         stays in flight until cleanup. A unit that keeps failing is set aside (:meth:`_unit_failed`)."""
         try:
             unit = await self.staging.open_unit(unit_id)  # its keys and sizes; counts are read chunk by chunk
-            await self._step("after_read")
+            await self.step("after_read")
             result = await apply_unit(self.conn, self.keys.pipeline, unit_id, unit,
-                                      in_transaction=lambda: self._step("in_transaction"))
+                                      in_transaction=lambda: self.step("in_transaction"))
         except Exception as error:
             if not deadletter.is_unit_failure(error):
                 raise
             await self._unit_failed(unit_id, error)
             return
-        await self._step("after_commit")
+        await self.step("after_commit")
         await self.staging.cleanup(unit_id)
         if recovered:  # only a unit left in flight by an earlier run can have failures on record
             await deadletter.forget_failures(self.staging.client, self.keys, unit_id)
-        await self._step("after_cleanup")
+        await self.step("after_cleanup")
         if result.applied:
             self.stats.units += 1
             self.stats.buckets += result.buckets
@@ -249,7 +276,7 @@ class PipelineFlush:
         now = time.monotonic()
         if now - self._last_progress >= PROGRESS_EVERY_S:
             self._last_progress = now
-            log.info("pipeline %s: %d units, %d buckets, %d rows flushed so far", self.keys.pipeline,
+            log.info("pipeline %s: %d units, %d buckets, %d rows flushed so far", self.keys.tag,
                      self.stats.units, self.stats.buckets, self.stats.rows)
 
     async def _unit_failed(self, unit_id: str, error: Exception) -> None:

@@ -114,7 +114,7 @@ def _text(value: bytes | str) -> str:
 
 
 class ClaimHeld(Exception):
-    """A query holds claims for a moment (see core/queries.py); retry shortly."""
+    """A query holds claims for a moment (see reads/queries.py); retry shortly."""
 
 
 @dataclass

@@ -55,6 +55,8 @@ FINALIZER = f"{GROUP}/operator"
 # Environment variables the flusher and sidecar read their connection strings from (core/config.py).
 ENV_REDIS_URL = "REDIS_URL"
 ENV_DATABASE_URL = "DATABASE_URL"
+# The sidecar's pod name (downward API): a sidecar of a sharded pipeline picks its shard by it (core/keys.py).
+ENV_POD_NAME = "POD_NAME"
 
 
 def configmap_name(name: str) -> str:

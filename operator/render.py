@@ -506,12 +506,16 @@ def render_configmap(namespace: str, name: str, config: Config, sidecar_snippet:
 def sidecar_env(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """``REDIS_URL`` from the Redis secret ref, and ``DATABASE_URL`` (the dashboard and query endpoints only
     read): the read-only ``postgres.readSecretRef`` when set, else the writer's ``postgres.secretRef`` (a
-    posture warning). secretKeyRefs to the pipeline's own namespace: the connection strings are never copied."""
+    posture warning). secretKeyRefs to the pipeline's own namespace: the connection strings are never copied.
+    ``POD_NAME`` comes from the downward API: with ``counters.shards`` > 1 the sidecar writes to the shard
+    a stable hash of its pod name picks (``core.keys.sidecar_shard_tag``)."""
     env = [_secret_env(crd.ENV_REDIS_URL, _secret_ref(spec, "redis"))]
     if get(spec, "postgres", "readSecretRef", "name") is not None:
         env.append(_secret_env(crd.ENV_DATABASE_URL, _secret_ref(spec, "postgres", "readSecretRef")))
     elif get(spec, "postgres", "secretRef", "name") is not None:
         env.append(_secret_env(crd.ENV_DATABASE_URL, _secret_ref(spec, "postgres")))
+    env.append({"name": crd.ENV_POD_NAME,
+                "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}})
     return env
 
 

@@ -20,14 +20,14 @@ from aiohttp import web
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.events import EventValidator
+from analytics_pipeline.reads.dashboard import setup_dashboard
+from analytics_pipeline.reads.query_routes import setup_query_routes
 
 from .appkeys import CONFIG, REDIS, REGISTRY, STATE
 from .committer import GroupCommitter
-from .dashboard import setup_dashboard
 from .health import setup_health_routes
 from .ingest import setup_ingest_routes
 from .metrics import SidecarMetrics
-from .query_routes import setup_query_routes
 from .redis_client import lazy_redis
 from .redis_watch import setup_redis_watch
 from .reload import ConfigWatcher

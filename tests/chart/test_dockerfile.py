@@ -124,8 +124,9 @@ def test_the_wheel_carries_every_module_and_data_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (tmp_path / "wheels").glob("analytics_pipeline-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in (REPO / "operator").glob("*.py"):
-        assert f"analytics_pipeline/operator/{module.name}" in names
+    for folder in ("operator", "reads"):
+        for module in (REPO / folder).glob("*.py"):
+            assert f"analytics_pipeline/{folder}/{module.name}" in names
     assert "analytics_pipeline/core/schema.sql" in names
     assert "analytics_pipeline/main.py" in names
     for lua in (REPO / "sidecar").glob("*.lua"):

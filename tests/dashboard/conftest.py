@@ -21,8 +21,8 @@ from support import ensure_schema
 
 from analytics_pipeline.core.keys import PIPELINES_SET
 from analytics_pipeline.flusher.store import PIPELINE_TABLES
-from analytics_pipeline.sidecar.dashboard import DashboardProvider, setup_dashboard
-from analytics_pipeline.sidecar.dashboard_model import DashboardData
+from analytics_pipeline.reads.dashboard import DashboardProvider, setup_dashboard
+from analytics_pipeline.reads.dashboard_model import DashboardData
 
 NOW = datetime(2026, 11, 27, 14, 23, 5, tzinfo=UTC)
 

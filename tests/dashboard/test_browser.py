@@ -16,9 +16,9 @@ from aiohttp import web
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.flusher.run import flush_pipeline
+from analytics_pipeline.reads.dashboard import DASHBOARD_LOADER, setup_dashboard
+from analytics_pipeline.reads.dashboard_model import DashboardData
 from analytics_pipeline.sidecar.app import create_app
-from analytics_pipeline.sidecar.dashboard import DASHBOARD_LOADER, setup_dashboard
-from analytics_pipeline.sidecar.dashboard_model import DashboardData
 
 pytestmark = pytest.mark.browser
 

@@ -12,8 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.flusher.run import flush_pipeline
+from analytics_pipeline.reads.dashboard import DASHBOARD_LOADER
 from analytics_pipeline.sidecar.app import create_app
-from analytics_pipeline.sidecar.dashboard import DASHBOARD_LOADER
 
 Sent = list[tuple[str, str, datetime]]
 

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from analytics_pipeline.sidecar.dashboard_charts import fmt_compact, nice_scale
-from analytics_pipeline.sidecar.dashboard_model import MAX_SERIES, DashboardData
-from analytics_pipeline.sidecar.dashboard_render import SCRIPT, SCRIPT_HASH, RenderOptions, render_dashboard
+from analytics_pipeline.reads.dashboard_charts import fmt_compact, nice_scale
+from analytics_pipeline.reads.dashboard_model import MAX_SERIES, DashboardData
+from analytics_pipeline.reads.dashboard_render import SCRIPT, SCRIPT_HASH, RenderOptions, render_dashboard
 
 HOSTILE = ['<script>document.title="pwned"</script>', '"><img src=x onerror=alert(1)>',
            "</title></svg><script>alert(2)</script>", "a&b 'quoted' <i>"]

@@ -9,10 +9,10 @@ import redis.exceptions
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from analytics_pipeline.sidecar import dashboard
-from analytics_pipeline.sidecar.dashboard_model import DashboardData
-from analytics_pipeline.sidecar.dashboard_render import SCRIPT_HASH
-from analytics_pipeline.sidecar.dashboard_source import DashboardUnavailable
+from analytics_pipeline.reads import dashboard
+from analytics_pipeline.reads.dashboard_model import DashboardData
+from analytics_pipeline.reads.dashboard_render import SCRIPT_HASH
+from analytics_pipeline.reads.dashboard_source import DashboardUnavailable
 
 
 async def test_serves_the_page_with_safe_headers(make_client, provider_of, data, parse):

@@ -97,7 +97,7 @@ async def test_postgres_statement_timeout_then_exact(redis_client: aioredis.Redi
         blocking = blocker.transaction()
         await blocking.start()
         await blocker.execute("SELECT 1 FROM analytics_daily WHERE pipeline = $1 FOR UPDATE", config.pipeline)
-        from analytics_pipeline.flusher.db import connect
+        from analytics_pipeline.core.postgres import connect
 
         conn = await connect(slow)
         try:

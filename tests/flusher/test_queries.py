@@ -17,10 +17,10 @@ from flushkit import LuaWriter, SidecarWriter, Writer, pg_counters
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
-from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError
 from analytics_pipeline.flusher.run import flush_pipeline
 from analytics_pipeline.flusher.staging import ClaimHeld, Staging
 from analytics_pipeline.flusher.store import apply_unit
+from analytics_pipeline.reads.queries import ConsistencyError, Queries, QueryInputError
 
 NOW = datetime.now(UTC)
 TODAY = NOW.date()

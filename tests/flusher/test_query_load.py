@@ -20,10 +20,10 @@ from redis.asyncio.connection import Connection, ConnectionPool
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys, user_field
-from analytics_pipeline.core.queries import Queries
 from analytics_pipeline.flusher.run import flush_pipeline
 from analytics_pipeline.flusher.staging import Staging
 from analytics_pipeline.flusher.store import apply_unit
+from analytics_pipeline.reads.queries import Queries
 
 NOW = datetime.now(UTC)
 TODAY = NOW.date()

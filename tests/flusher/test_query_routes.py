@@ -17,8 +17,8 @@ from support import make_config
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.flusher.run import flush_pipeline
+from analytics_pipeline.reads.query_routes import QUERY_GATES, setup_query_routes
 from analytics_pipeline.sidecar.appkeys import CONFIG, REDIS, REGISTRY
-from analytics_pipeline.sidecar.query_routes import QUERY_GATES, setup_query_routes
 
 NOW = datetime.now(UTC)
 TODAY = NOW.date()

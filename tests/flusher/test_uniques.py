@@ -20,11 +20,11 @@ from support import flush_env, make_config, run_cli_async
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import BucketRef, PipelineKeys, day_bucket, user_field
-from analytics_pipeline.core.queries import Queries
 from analytics_pipeline.flusher.migrate import USER_DAILY_KEY, apply_schema
 from analytics_pipeline.flusher.run import flush_pipeline
 from analytics_pipeline.flusher.staging import StagedBucket, Staging
 from analytics_pipeline.flusher.store import apply_unit, rebuild_rollups
+from analytics_pipeline.reads.queries import Queries
 
 NOW = datetime.now(UTC)
 TODAY = NOW.date()

@@ -217,7 +217,8 @@ def test_the_sidecar_gets_the_read_only_credentials_and_the_flusher_the_writers(
                                                    "readSecretRef": {"name": "reader"}}}
     desired = render.desired_state("ns", "web", spec, default_image="i")
     assert desired.warnings == []
-    sidecar_env = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in sidecar_of(desired)["env"]}
+    sidecar_env = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in sidecar_of(desired)["env"]
+                   if "secretKeyRef" in item["valueFrom"]}
     assert sidecar_env == {"REDIS_URL": {"name": "conn", "key": "redis-url"},
                            "DATABASE_URL": {"name": "reader", "key": "database-read-url"}}
     pod = desired.cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
@@ -241,6 +242,9 @@ def test_only_named_secret_keys_reach_the_containers_by_reference() -> None:
     for container in [*pod["containers"], *pod["initContainers"], sidecar_of(desired)]:
         assert "envFrom" not in container
         for item in container["env"]:
+            if item["name"] == "POD_NAME":  # the downward API's pod name, no secret
+                assert item["valueFrom"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}
+                continue
             assert set(item) == {"name", "valueFrom"} and set(item["valueFrom"]) == {"secretKeyRef"}
             assert set(item["valueFrom"]["secretKeyRef"]) == {"name", "key"}
     assert all("secret" not in volume for volume in pod["volumes"])
@@ -284,3 +288,14 @@ def test_unquoted_fractional_quantities_are_accepted_and_rendered(version: str) 
         spec = {**copy.deepcopy(MINIMAL), "sidecar": {"resources": {"requests": bad}}}
         with pytest.raises(render.InvalidSpec, match=r"must be a quantity such as '100m', 0\.25"):
             render.desired_state("ns", "web", spec, default_image="i")
+
+
+def test_the_sidecar_knows_its_pod_name_to_pick_its_shard() -> None:
+    """POD_NAME from the downward API (metadata.name) in the sidecar snippet (the webhook injects the same
+    container: tests/webhook/test_injection.py); the flusher's containers do not need it."""
+    desired = render.desired_state("ns", "web", MINIMAL, default_image="i")
+    env = {item["name"]: item for item in sidecar_of(desired)["env"]}
+    assert env["POD_NAME"] == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1",
+                                                                             "fieldPath": "metadata.name"}}}
+    pod = desired.cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert all(item["name"] != "POD_NAME" for c in [*pod["containers"], *pod["initContainers"]] for item in c["env"])

@@ -1,4 +1,5 @@
-"""An ingest-only sidecar never loads the read path's libraries (redis-py, asyncpg, queries, renderer).
+"""An ingest-only sidecar never loads the read path's libraries (redis-py, asyncpg, queries, renderer),
+and no sidecar path (ingest, probes, queries, dashboard) ever loads the flusher.
 
 They are ~11 MB of resident memory in a process that idles at ~50 MB. The check runs the real app
 in a fresh interpreter (this one has long imported everything) against the real Redis: ingest,
@@ -20,8 +21,8 @@ from support import REPO
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.keys import PipelineKeys
 
-HEAVY = ("redis", "asyncpg", "analytics_pipeline.core.queries", "analytics_pipeline.sidecar.dashboard_render",
-         "analytics_pipeline.flusher.db")
+HEAVY = ("redis", "asyncpg", "analytics_pipeline.reads.queries", "analytics_pipeline.reads.dashboard_render",
+         "analytics_pipeline.core.postgres")
 
 SCRIPT = r"""
 import asyncio, json, sys
@@ -35,6 +36,9 @@ HEAVY = %(heavy)r
 def loaded():
     return sorted(name for name in HEAVY if name in sys.modules)
 
+def flusher_modules():
+    return sorted(name for name in sys.modules if name.startswith("analytics_pipeline.flusher"))
+
 async def main():
     app = create_app(parse_config(json.loads(sys.argv[1])))
     report = {"after_create_app": loaded()}
@@ -46,6 +50,8 @@ async def main():
         report["after_ingest"] = loaded()
         report["counts"] = (await client.get("/v1/counts?event=a")).status
         report["after_query"] = loaded()
+        report["dashboard"] = (await client.get("/")).status
+        report["flusher_modules"] = flusher_modules()
         report["redis_ping"] = await app[REDIS].ping()
     print(json.dumps(report))
 
@@ -69,7 +75,10 @@ async def test_ingest_probes_and_metrics_do_not_load_the_read_path(config: Confi
     assert report["after_create_app"] == [] and report["after_ingest"] == []
     # The first read request loads them (200, or 503 if the shared test database lacks the tables).
     assert report["counts"] in (200, 503)
-    assert set(report["after_query"]) == {"redis", "asyncpg", "analytics_pipeline.core.queries",
-                                          "analytics_pipeline.flusher.db"}
+    assert set(report["after_query"]) == {"redis", "asyncpg", "analytics_pipeline.reads.queries",
+                                          "analytics_pipeline.core.postgres"}
     assert report["redis_ping"] is True
+    # The read side shares the PostgreSQL helpers through core, never through the flusher.
+    assert report["dashboard"] in (200, 503)
+    assert report["flusher_modules"] == []
     assert await redis_client.hgetall(keys.daily(datetime.now(UTC))) == {"a": "1", "b": "1"}

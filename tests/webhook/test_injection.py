@@ -41,6 +41,8 @@ SIDECAR: dict[str, Any] = {
     "env": [
         {"name": "REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "analytics-connections", "key": "redis-url"}}},
         {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "analytics-connections", "key": "pg"}}},
+        # its pod's name (downward API): a sidecar of a sharded pipeline picks its shard by it
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
     ],
     "startupProbe": {"httpGet": {"path": "/healthz", "port": "analytics-ops"}, "periodSeconds": 1,
                      "failureThreshold": 30},

@@ -1,8 +1,8 @@
-"""Where the dashboard's numbers come from: one consistent snapshot of ``core/queries.py``.
+"""Where the dashboard's numbers come from: one consistent snapshot of ``reads/queries.py``.
 
 ``read_dashboard_data(app)`` asks ``Queries.dashboard_snapshot`` (PostgreSQL totals + live and staged
 Redis buckets, exact at any instant) and turns it into the renderer's ``DashboardData``. The
-PostgreSQL pool is the sidecar's shared lazy pool (``sidecar/database.py``).
+PostgreSQL pool is the sidecar's shared lazy pool (``reads/database.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import asyncpg
 from aiohttp import web
 
 from analytics_pipeline.core.config import Config
-from analytics_pipeline.core.queries import ConsistencyError, DashboardSnapshot, Queries
+from analytics_pipeline.reads.queries import ConsistencyError, DashboardSnapshot, Queries
+from analytics_pipeline.sidecar.appkeys import CONFIG
+from analytics_pipeline.sidecar.redis_client import redis_client
 
-from .appkeys import CONFIG
 from .dashboard_model import DAYS, HOURS, DashboardData
 from .database import DATABASE
-from .redis_client import redis_client
 
 
 class DashboardUnavailable(Exception):

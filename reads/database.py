@@ -31,7 +31,7 @@ class LazyPool:
         self._lock = asyncio.Lock()
 
     async def pool(self, config: Config) -> asyncpg.Pool:
-        from analytics_pipeline.flusher.db import create_pool
+        from analytics_pipeline.core.postgres import create_pool
 
         async with self._lock:
             if self._pool is None or self._url != config.database_url:

@@ -19,6 +19,13 @@ PostgreSQL read would count a unit twice (spike), a commit+cleanup the other way
 Commits and cleanups need no seqlock: a unit's staging keys are deleted only after its ledger row is
 committed, and step 2 sees the ledger and the totals in one snapshot. See docs/queries.md.
 
+A sharded pipeline (``counters.shards``, core/shards.py) is read the same way over ALL its shards at
+once: step 1 is done for every shard (each with its own ``claim_seq`` and in-flight units), step 2
+checks the ledger for the in-flight units of every shard (unit ids are unique across shards), step 3
+checks every shard's ``claim_seq``, and holds park the claims of every shard. Each shard's part is then
+exact for a moment inside the query (no claim on that shard from its first read to its check), so the
+sum is exact too: it holds every count acknowledged before the query began and none twice.
+
 Distinct users come from the rollups the flusher keeps in the same transactions as the per-user rows
 (``analytics_daily_uniques``, ``analytics_user_last_seen``, see schema.sql): a day's count is one row,
 a range's count a sum over one row per day, and each Redis user is looked up once by key. Only a range
@@ -38,8 +45,8 @@ from typing import Any, Literal, TypeVar
 import asyncpg
 import redis.asyncio as aioredis
 
-from .config import Config
-from .keys import (
+from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.keys import (
     USER_FIELD_SEPARATOR,
     BucketKind,
     PipelineKeys,
@@ -50,6 +57,7 @@ from .keys import (
     parse_bucket,
     user_field,
 )
+from analytics_pipeline.core.shards import pipeline_shards
 
 Granularity = Literal["hour", "day"]
 GRANULARITIES: tuple[Granularity, ...] = ("hour", "day")
@@ -209,13 +217,14 @@ class _Request:
 
 @dataclass
 class RedisView:
-    """The Redis part of a snapshot: per request, the live reply and the replies of uncommitted units."""
+    """The Redis part of a snapshot: per request, the live replies (one per shard) and the replies of
+    uncommitted units (of any shard)."""
 
-    live: list[Any]
+    live: list[list[Any]]
     pending: list[list[Any]]
 
     def replies(self, index: int) -> list[Any]:
-        return [self.live[index], *(unit[index] for unit in self.pending)]
+        return [*(shard[index] for shard in self.live), *(unit[index] for unit in self.pending)]
 
     def number(self, index: int) -> int:
         return sum(int(reply) for reply in self.replies(index))
@@ -382,7 +391,7 @@ class _Scan:
 
 
 class Queries:
-    """Exact reads of one pipeline over a Redis client and an asyncpg pool (or one connection).
+    """Exact reads of one pipeline (all its shards) over a Redis client and an asyncpg pool (or one connection).
 
     ``redis_days`` bounds how far back :meth:`event_types` looks for unflushed daily buckets when no
     start is given (live buckets cannot outlive the counter TTL; see :meth:`for_config`).
@@ -396,10 +405,11 @@ class Queries:
     def __init__(self, client: aioredis.Redis, db: asyncpg.Pool | asyncpg.Connection, pipeline: str, *,
                  redis_days: int = 16, max_retries: int = 3, max_holds: int = 3, hold_ms: int = 2000,
                  scan_count: int = 1000, types_from_daily: bool = True,
-                 after_snapshot: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 after_snapshot: Callable[[int], Awaitable[None]] | None = None, shards: int = 1) -> None:
         self.client = client
         self.db = db
-        self.keys = PipelineKeys(pipeline)
+        self.keys = PipelineKeys(pipeline)  # shard 0 (the pipeline's name: the PostgreSQL rows' key)
+        self.shards = shards  # configured shards; the registered ones are read too (core/shards.py)
         self.redis_days = redis_days
         self.max_retries = max_retries
         self.max_holds = max_holds
@@ -416,7 +426,7 @@ class Queries:
                    **options: Any) -> Queries:
         """Queries of ``config.pipeline``, looking back far enough for any live bucket (2 x TTL + 2 days)."""
         ttl_days = -(-config.counters.ttl_seconds // 86400)
-        options = {"scan_count": config.queries.scan_count,
+        options = {"scan_count": config.queries.scan_count, "shards": config.counters.shards,
                    "types_from_daily": "daily" in config.counters.granularities, **options}
         return cls(client, db, config.pipeline, redis_days=2 * ttl_days + 2, **options)
 
@@ -661,9 +671,10 @@ class Queries:
         else:
             yield self.db
 
-    async def _snapshot(self, conn: asyncpg.Connection,
-                        requests: list[_Request]) -> tuple[bytes | str, list[Any], dict[str, list[Any]]]:
-        """``claim_seq``, the requests' replies on the live buckets, and per in-flight unit on its staged copies.
+    async def _snapshot(self, conn: asyncpg.Connection, requests: list[_Request],
+                        keys: PipelineKeys) -> tuple[bytes | str, list[Any], dict[str, list[Any]]]:
+        """Of one shard (``keys``): ``claim_seq``, the requests' replies on the live buckets, and per
+        in-flight unit on its staged copies.
 
         No Redis call does work proportional to the users of a bucket (docs/queries.md, "Reads never
         block writes"): small hashes (daily/hourly buckets, single per-user fields) are read in
@@ -676,7 +687,7 @@ class Queries:
         deleted only after its ledger row is committed — which the PostgreSQL snapshot, taken after
         every read here, then sees (the unit is skipped whatever was read of it).
         """
-        live_keys = [self.keys.bucket(r.kind, r.bucket) for r in requests]
+        live_keys = [keys.bucket(r.kind, r.bucket) for r in requests]
         small = [i for i, r in enumerate(requests) if r.op in _SMALL_OPS]
         lookups = [i for i, r in enumerate(requests) if r.op == "usersum" and self.types_from_daily]
         scans = [i for i, r in enumerate(requests)
@@ -685,9 +696,9 @@ class Queries:
         type_days = sorted({requests[i].bucket for i in lookups})
         type_requests = [_Request("d", day, "keys") for day in type_days]
         reads = [(requests[i], live_keys[i]) for i in small]
-        reads += [(r, self.keys.bucket("d", r.bucket)) for r in type_requests]
+        reads += [(r, keys.bucket("d", r.bucket)) for r in type_requests]
 
-        seq, units, replies = await self._small_reads(reads)
+        seq, units, replies = await self._small_reads(reads, keys)
         live: list[Any] = [None] * len(requests)
         staged: dict[str, list[Any]] = {unit: [None] * len(requests) for unit in units}
         types: set[str] = set()
@@ -699,14 +710,14 @@ class Queries:
         scanning = [_Scan(requests[i], key, slot, i)
                     for i in scans
                     for key, slot in [(live_keys[i], live),
-                                      *((self.keys.staging(u, live_keys[i]), staged[u]) for u in units)]]
+                                      *((keys.staging(u, live_keys[i]), staged[u]) for u in units)]]
         if (units and reads) or scanning:
             # one round trip: the same small reads of every listed unit's staging keys, and the first
             # HSCAN piece of every per-user bucket (a small bucket is then read whole, as one piece)
             async with self.client.pipeline(transaction=False) as pipe:
                 for unit in units:
                     for request, key in reads:
-                        _queue(pipe, request, self.keys.staging(unit, key))
+                        _queue(pipe, request, keys.staging(unit, key))
                 for scan in scanning:
                     pipe.hscan(scan.key, 0, match=scan.match, count=self.scan_count)
                 answers = await pipe.execute()
@@ -728,13 +739,14 @@ class Queries:
             types.update(row["event_type"] for row in await conn.fetch(
                 "SELECT DISTINCT event_type FROM analytics_daily WHERE pipeline = $1 AND day = ANY($2::date[])",
                 self.keys.pipeline, [parse_bucket("d", day).date() for day in type_days]))
-            await self._lookups(requests, lookups, live_keys, sorted(types), live, staged)
+            await self._lookups(requests, lookups, live_keys, sorted(types), live, staged, keys)
         await self._scan([scan for scan in scanning if scan.cursor != 0])
         for scan in scanning:
             scan.slot[scan.index] = scan.result()
         return seq or "0", live, staged
 
-    async def _small_reads(self, reads: list[tuple[_Request, str]]) -> tuple[bytes | str, list[str], list[Any]]:
+    async def _small_reads(self, reads: list[tuple[_Request, str]],
+                           keys: PipelineKeys) -> tuple[bytes | str, list[str], list[Any]]:
         """claim_seq, the in-flight units and ``reads`` on small hashes, in MULTI/EXEC of at most
         ``MULTI_COMMANDS`` reads each (the first one with claim_seq and the units)."""
         replies: list[Any] = []
@@ -743,8 +755,8 @@ class Queries:
         for start in range(0, max(len(reads), 1), MULTI_COMMANDS):
             async with self.client.pipeline(transaction=True) as multi:
                 if start == 0:
-                    multi.get(self.keys.claim_seq)
-                    multi.zrange(self.keys.inflight, 0, -1)
+                    multi.get(keys.claim_seq)
+                    multi.zrange(keys.inflight, 0, -1)
                 for request, key in reads[start:start + MULTI_COMMANDS]:
                     _queue(multi, request, key)
                 answer = await multi.execute()
@@ -755,7 +767,7 @@ class Queries:
         return seq or "0", units, replies
 
     async def _lookups(self, requests: list[_Request], lookups: list[int], live_keys: list[str],
-                       types: list[str], live: list[Any], staged: dict[str, list[Any]]) -> None:
+                       types: list[str], live: list[Any], staged: dict[str, list[Any]], keys: PipelineKeys) -> None:
         """A user's counts over all event types: HMGET of ``event_type US user_id`` for each known event
         type, at most ``scan_count`` fields per call, on the live bucket and every staged copy."""
         for i in lookups:
@@ -769,7 +781,7 @@ class Queries:
             for i in lookups:
                 fields = [user_field(event_type, requests[i].arg) for event_type in types]
                 for key, slot in [(live_keys[i], live),
-                                  *((self.keys.staging(u, live_keys[i]), s) for u, s in staged.items())]:
+                                  *((keys.staging(u, live_keys[i]), s) for u, s in staged.items())]:
                     for start in range(0, len(fields), self.scan_count):
                         pipe.hmget(key, fields[start:start + self.scan_count])
                         owners.append((slot, i))
@@ -791,7 +803,7 @@ class Queries:
                 scan.add(piece)
             active = [scan for scan in active if scan.cursor != 0]
 
-    async def _read_postgres(self, conn: asyncpg.Connection, live: list[Any], units: dict[str, list[Any]],
+    async def _read_postgres(self, conn: asyncpg.Connection, live: list[list[Any]], units: dict[str, list[Any]],
                              read: Callable[[asyncpg.Connection, RedisView], Awaitable[T]]) -> T:
         """``read`` in one REPEATABLE READ snapshot, with the staged copies of units not yet in the ledger."""
         async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -808,30 +820,43 @@ class Queries:
             view = RedisView(live, [r for unit, r in units.items() if unit not in committed])
             return await read(conn, view)
 
-    async def _hold(self, hold_ms: int) -> str:
+    async def _hold(self, shards: list[PipelineKeys], hold_ms: int) -> str:
+        """Park the claims of every shard for ``hold_ms`` (one token for all)."""
         token = uuid.uuid4().hex
-        await self._hold_script(keys=[self.keys.claim_hold], args=[token, hold_ms])
+        await asyncio.gather(*(self._hold_script(keys=[keys.claim_hold], args=[token, hold_ms]) for keys in shards))
         self.holds += 1
         return token
+
+    async def _claim_seqs(self, shards: list[PipelineKeys]) -> list[str]:
+        """Every shard's ``claim_seq`` now (step 3 of the seqlock)."""
+        return [_text(seq or "0") for seq in await asyncio.gather(*(self.client.get(k.claim_seq) for k in shards))]
 
     async def _consistent(self, requests: list[_Request],
                           read: Callable[[asyncpg.Connection, RedisView], Awaitable[T]]) -> T:
         """Run ``read`` on a PostgreSQL snapshot consistent with a Redis snapshot (see module docstring)."""
         for attempt in range(self.max_retries + self.max_holds):
+            shards = await pipeline_shards(self.client, self.keys.pipeline, self.shards)
             token = None
             if attempt >= self.max_retries:
-                token = await self._hold(self.hold_ms << (attempt - self.max_retries))
+                token = await self._hold(shards, self.hold_ms << (attempt - self.max_retries))
             try:
                 async with self._connection() as conn:
-                    seq, live, units = await self._snapshot(conn, requests)
+                    seqs: list[str] = []
+                    lives: list[list[Any]] = []
+                    units: dict[str, list[Any]] = {}
+                    for keys in shards:  # one after the other: the lookups use the one connection
+                        seq, live, staged = await self._snapshot(conn, requests, keys)
+                        seqs.append(_text(seq))
+                        lives.append(live)
+                        units.update(staged)
                     if self.after_snapshot is not None:
                         await self.after_snapshot(attempt)
-                    result = await self._read_postgres(conn, live, units, read)
-                if _text(await self.client.get(self.keys.claim_seq) or "0") == _text(seq):
+                    result = await self._read_postgres(conn, lives, units, read)
+                if await self._claim_seqs(shards) == seqs:
                     return result
                 self.retries += 1
             finally:
                 if token is not None:
-                    await self.client.zrem(self.keys.claim_hold, token)
+                    await asyncio.gather(*(self.client.zrem(keys.claim_hold, token) for keys in shards))
         raise ConsistencyError(f"pipeline {self.keys.pipeline}: flush claims kept racing the query "
                                f"({self.max_retries + self.max_holds} attempts); retry")

@@ -1,4 +1,4 @@
-"""PostgreSQL connections for the flusher and the query CLI: UTC sessions, timeouts, clear errors."""
+"""PostgreSQL connections for the flusher, the CLI and the read side: UTC sessions, timeouts, clear errors."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ``setup_dashboard(app)`` registers the route. The numbers come from one provider callable,
 ``load_dashboard_data(app)`` by default (PostgreSQL totals + unflushed Redis through
-``core/queries.py``); tests pass their own provider with known data. Page loads that arrive
+``reads/queries.py``); tests pass their own provider with known data. Page loads that arrive
 together share one read, and a read is reused for ``REUSE_SECONDS``, so many open dashboards cost
 the stores no more than one.
 
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from .appkeys import CONFIG
+from analytics_pipeline.sidecar.appkeys import CONFIG
+
 from .database import install_database
 
 if TYPE_CHECKING:

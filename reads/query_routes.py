@@ -1,11 +1,11 @@
 """Read endpoints on the sidecar: ``GET /v1/counts``, ``GET /v1/uniques``, ``GET /v1/events``.
 
-Every answer comes from :mod:`analytics_pipeline.core.queries` (PostgreSQL totals + unflushed Redis
+Every answer comes from :mod:`analytics_pipeline.reads.queries` (PostgreSQL totals + unflushed Redis
 buckets, exact at any instant). Bad parameters get 400 naming the parameter; a database or Redis
 that cannot answer gets 503 with ``Retry-After``. Heavy queries (uniques, a user's counts: they read
 per-user buckets) pass a :class:`QueryGate` of their kind: at most ``queries.max_concurrent`` of
 each kind run at once, the others get 429 with ``Retry-After`` after waiting ``queries.wait_seconds``. Ingest never
-depends on PostgreSQL: the shared pool (``sidecar/database.py``) opens on the first query and a
+depends on PostgreSQL: the shared pool (``reads/database.py``) opens on the first query and a
 missing database only affects reads.
 
 asyncpg, redis-py and the query module are imported by the first read request, not at start-up:
@@ -23,12 +23,13 @@ import orjson
 from aiohttp import web
 from prometheus_client import Counter
 
-from .appkeys import CONFIG, REGISTRY
+from analytics_pipeline.sidecar.appkeys import CONFIG, REGISTRY
+from analytics_pipeline.sidecar.redis_client import redis_client
+
 from .database import DATABASE, install_database
-from .redis_client import redis_client
 
 if TYPE_CHECKING:
-    from analytics_pipeline.core.queries import Queries
+    from analytics_pipeline.reads.queries import Queries
 
 RETRY_AFTER_S = 5
 
@@ -90,7 +91,7 @@ def _too_many(kind: str, retry_after: int, limit: int) -> web.Response:
 
 
 def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
-    from analytics_pipeline.core.queries import QueryInputError
+    from analytics_pipeline.reads.queries import QueryInputError
 
     params: dict[str, str] = {}
     for name, value in request.query.items():
@@ -130,8 +131,8 @@ async def _run(request: web.Request, work: Callable[[Queries], Awaitable[dict[st
     import asyncpg
     import redis.exceptions
 
-    from analytics_pipeline.core.queries import ConsistencyError, Queries, QueryInputError
-    from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, describe
+    from analytics_pipeline.core.errors import POSTGRES_CONNECTION_ERRORS, describe
+    from analytics_pipeline.reads.queries import ConsistencyError, Queries, QueryInputError
 
     config = request.app[CONFIG]
     try:
@@ -151,7 +152,7 @@ async def _run(request: web.Request, work: Callable[[Queries], Awaitable[dict[st
 
 async def counts(request: web.Request) -> web.Response:
     """``GET /v1/counts?event=&from=&to=&granularity=hour|day[&user_id=]`` → series and total."""
-    from analytics_pipeline.core.queries import QueryInputError, resolve_range
+    from analytics_pipeline.reads.queries import QueryInputError, resolve_range
 
     try:
         params = _params(request, {"event", "from", "to", "granularity", "user_id"})
@@ -172,7 +173,7 @@ async def counts(request: web.Request) -> web.Response:
 
 async def uniques(request: web.Request) -> web.Response:
     """``GET /v1/uniques?event=&from=&to=`` → distinct users per day (and over the whole range)."""
-    from analytics_pipeline.core.queries import QueryInputError, resolve_range
+    from analytics_pipeline.reads.queries import QueryInputError, resolve_range
 
     try:
         params = _params(request, {"event", "from", "to"})
@@ -189,7 +190,7 @@ async def uniques(request: web.Request) -> web.Response:
 
 async def events(request: web.Request) -> web.Response:
     """``GET /v1/events[?from=&to=]`` → every event type seen, with its total (all time by default)."""
-    from analytics_pipeline.core.queries import QueryInputError, parse_moment
+    from analytics_pipeline.reads.queries import QueryInputError, parse_moment
 
     try:
         params = _params(request, {"from", "to"})
