@@ -55,8 +55,8 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import parse_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
+from analytics_pipeline.core.postgres import connect
 from analytics_pipeline.core.services import RedisServer
-from analytics_pipeline.flusher.db import connect
 from analytics_pipeline.flusher.migrate import apply_schema
 from analytics_pipeline.flusher.run import PipelineFlush
 
@@ -304,7 +304,7 @@ async def one_flush(kind: str, rep: int, client: aioredis.Redis, conn: asyncpg.C
     wal = int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)", wal0))
     size1 = await table_bytes(conn)
     problems = [f"flush failed: {stats.error}"] if stats.error else []
-    problems += await flushbench.verify(conn, client, keys, expected)
+    problems += await flushbench.verify(conn, client, [keys], expected)
     for problem in problems:
         print(f"      FAIL {problem}")
     return FlushFigure(kind, rep, stats.rows, stats.duration_s, cpu1 - cpu0, pg1 - pg0, redis1 - redis0, wal,
@@ -341,10 +341,10 @@ async def measure_flush_async(args: argparse.Namespace, repeat: int, size: int) 
                   + ("" if postmaster else "; PostgreSQL CPU not measured (not a throwaway server)"), flush=True)
             for rep in range(1, repeat + 1):
                 keys = PipelineKeys(f"bench/capacity-{uuid.uuid4().hex[:8]}")
-                filled = await flushbench.fill(client, keys, size, config.counters.ttl_seconds)
+                filled = await flushbench.fill(client, [keys], size, config.counters.ttl_seconds)
                 figures.append(await one_flush("insert", rep, client, conn, config, keys, filled, postmaster,
                                                redis_server.process.pid))
-                again = await flushbench.fill(client, keys, size, config.counters.ttl_seconds)
+                again = await flushbench.fill(client, [keys], size, config.counters.ttl_seconds)
                 doubled = flushbench.Filled(size, filled.daily + again.daily, filled.hourly + again.hourly,
                                             filled.user_daily + again.user_daily, filled.rows)
                 figures.append(await one_flush("update", rep, client, conn, config, keys, doubled, postmaster,

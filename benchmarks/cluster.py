@@ -18,10 +18,11 @@ loads and Lua). CPU is utime+stime from /proc/<pid>/stat of every redis-server a
 - ``wait``: one sidecar, one shard, ``server.wait_replicas`` 0 then 1: latency, events/s, sidecar and
   master CPU per request at concurrency 1 (every request its own commit, so its own WAIT) and 32.
   WAIT calls are read from the master's INFO commandstats (0 calls: the figure is not reported).
-- ``flush``: ``--rows`` counters per shard (different users per shard) in 1 and then 3 shards, flushed by
-  one ``analytics-pipeline flush`` process (the CronJob's command, config ``counters.shards``) into a
-  throwaway PostgreSQL with production's durability (fsync, synchronous_commit, full_page_writes on):
-  rows/s in all and per shard, with the shards flushed concurrently; PostgreSQL totals checked.
+- ``flush``: ``--rows`` counters (flush.py's fill: 7 days, users split over the shards) in 1 and then 3
+  shards, flushed by one ``analytics-pipeline flush`` process (the CronJob's command, config
+  ``counters.shards``, ``flush.shard_concurrency`` default: all 3 at once) into a throwaway PostgreSQL with
+  production's durability (fsync, synchronous_commit, full_page_writes on): rows/s in all and per shard;
+  PostgreSQL totals checked. (benchmarks/flush.py --shards measures the same on a single Redis, in-process.)
 """
 
 from __future__ import annotations
@@ -330,14 +331,15 @@ def show_wait(result: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- flush
-async def fill_shards(url: str, pipeline: str, shards: int, rows: int, ttl: int) -> list[flushbench.Filled]:
-    """``rows`` counters in each shard of the pipeline, different users per shard, through the cluster client."""
+async def fill_shards(url: str, pipeline: str, shards: int, rows: int, ttl: int) -> flushbench.Filled:
+    """``rows`` counters over the pipeline's shards (flush.py's fill: users split over shards), through the
+    cluster client."""
     import redis.asyncio.cluster as aiocluster
 
     client = aiocluster.RedisCluster.from_url(url)
     try:
-        return [await flushbench.fill(client, PipelineKeys.of_tag(tag), rows, ttl, user_prefix=f"s{k}-user-")
-                for k, tag in enumerate(shard_tags(pipeline, shards))]
+        return await flushbench.fill(client, [PipelineKeys.of_tag(tag) for tag in shard_tags(pipeline, shards)],
+                                     rows, ttl)
     finally:
         await client.aclose()
 
@@ -369,8 +371,9 @@ def measure_flush(cluster: RedisClusterServers, args: argparse.Namespace, repeat
         migrate = subprocess.run([*base, "migrate"], env=env, capture_output=True, text=True)
         if migrate.returncode != 0:
             raise RuntimeError(f"migrate failed: {migrate.stderr[-800:]}")
-        print(f"-- flush: {rows:,} counters per shard (7 days), shards 1 and 3 flushed by one `analytics-pipeline "
-              f"flush` (throwaway PostgreSQL, {', '.join(f'{k}={v}' for k, v in PRODUCTION_POSTGRES.items())}); "
+        print(f"-- flush: {rows:,} counters (7 days, users split over the shards), shards 1 and 3 flushed by one "
+              f"`analytics-pipeline flush` (throwaway PostgreSQL, "
+              f"{', '.join(f'{k}={v}' for k, v in PRODUCTION_POSTGRES.items())}); "
               f"{repeat} rep(s)", flush=True)
         for rep in range(1, repeat + 1):
             for shards in (1, 3):
@@ -386,9 +389,8 @@ def measure_flush(cluster: RedisClusterServers, args: argparse.Namespace, repeat
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 summary = json.loads(lines[-1]) if lines else {}
                 totals = asyncio.run(pg_totals(postgres.url, pipeline))
-                expected = {"analytics_daily": sum(f.daily for f in filled),
-                            "analytics_hourly": sum(f.hourly for f in filled),
-                            "analytics_user_daily": sum(f.user_daily for f in filled)}
+                expected = {"analytics_daily": filled.daily, "analytics_hourly": filled.hourly,
+                            "analytics_user_daily": filled.user_daily}
                 exact = done.returncode == 0 and all(totals[t][1] == expected[t] for t in expected)
                 flushed = int(summary.get("rows", 0))
                 seconds = float(summary.get("duration_s", wall))
@@ -403,7 +405,7 @@ def measure_flush(cluster: RedisClusterServers, args: argparse.Namespace, repeat
                       f"[{'OK' if exact else 'FAIL: ' + (done.stderr.strip()[-300:] or str(totals))}]", flush=True)
     finally:
         postgres.destroy()
-    return {"rows_per_shard": rows, "runs": runs, "verified": all(r["exact"] for r in runs)}
+    return {"rows": rows, "runs": runs, "verified": all(r["exact"] for r in runs)}
 
 
 def resource_children() -> float:
@@ -418,7 +420,7 @@ def show_flush(result: dict[str, Any]) -> None:
     rows = []
     for shards in (1, 3):
         mine = [r for r in result["runs"] if r["shards"] == shards]
-        rows.append([f"{shards} shard(s) x {result['rows_per_shard']:,} rows", s([r["seconds"] for r in mine]).show(
+        rows.append([f"{result['rows']:,} rows in {shards} shard(s)", s([r["seconds"] for r in mine]).show(
             "{:.2f}"), s([r["rows_per_s"] for r in mine]).show(), s([r["rows_per_s_per_shard"] for r in mine]).show(),
             s([r["flusher_cpu_s"] for r in mine]).show("{:.2f}"), "yes" if all(r["exact"] for r in mine) else "NO"])
     print("Flush with shards flushed concurrently (median (min..max)):")
@@ -435,7 +437,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 5; --quick 2)")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each wrk run")
     parser.add_argument("--batch", type=int, default=100, help="events per request of the batch loads (default 100)")
-    parser.add_argument("--rows", type=int, help="counters per shard in the flush measure (default 300,000; "
+    parser.add_argument("--rows", type=int, help="counters in the flush measure, over all shards (default 300,000; "
                                                  "--quick 50,000)")
     parser.add_argument("--save", metavar="FILE", help="write the measured figures as JSON")
     args = parser.parse_args()
