@@ -116,19 +116,22 @@ def node_cpu(cluster: RedisClusterServers) -> dict[int, float]:
     return {node.port: benchlib.cpu_seconds(node.process.pid) for node in cluster.nodes if node.process}
 
 
-def stored_events(cluster: RedisClusterServers, pipeline: str, shards: int) -> tuple[int, bool]:
-    """Events the pipeline's shards hold today (daily buckets), and whether daily == hourly == per-user sums."""
+def stored_events(cluster: RedisClusterServers, pipeline: str, shards: int) -> tuple[dict[str, int], bool]:
+    """Events each shard of the pipeline holds today (daily buckets), by tag, and whether daily == hourly ==
+    per-user sums."""
     client = redis.RedisCluster.from_url(cluster.url, decode_responses=True)
     try:
-        sums = {"d": 0, "h": 0, "u": 0}
+        by_tag: dict[str, int] = {}
+        sums = {"h": 0, "u": 0}
         now = datetime.now(UTC)
         for tag in shard_tags(pipeline, shards):
             keys = PipelineKeys.of_tag(tag)
-            sums["d"] += sum(int(v) for v in client.hvals(keys.daily(now)))
+            by_tag[tag] = sum(int(v) for v in client.hvals(keys.daily(now)))
             for hour in range(now.hour + 1):
                 sums["h"] += sum(int(v) for v in client.hvals(keys.hourly(now.replace(hour=hour))))
             sums["u"] += sum(int(v) for v in client.hvals(keys.user_daily(now)))
-        return sums["d"], sums["d"] == sums["h"] == sums["u"]
+        total = sum(by_tag.values())
+        return by_tag, total == sums["h"] == sums["u"]
     finally:
         client.close()
 
@@ -162,9 +165,11 @@ class SpreadRun:
     node_cores: dict[int, float]
     sidecar_cores: float
     wall: float
-    shard_owner: dict[str, int] = field(default_factory=dict)
+    shard_owner: dict[str, int] = field(default_factory=dict)  # shard tag -> port of its master
+    shard_share: dict[str, float] = field(default_factory=dict)  # shard tag -> its share of the events
 
     def us_per_event(self, port: int) -> float:
+        """The node's CPU per event of all events written in the run."""
         return 1e6 * self.node_cores[port] * self.wall / self.acked if self.acked else 0.0
 
 
@@ -193,12 +198,14 @@ def spread_run(cluster: RedisClusterServers, wrk: str, shards: int, load: ingest
     sent = sum(s["sent"] for s in summaries + warm) * load.per_request
     measured_acked = sum((s["requests"] - s["status_errors"]) for s in summaries) * load.per_request
     errors = sum(int(s["status_errors"] + s["connect_errors"] + s["read_errors"] + s["timeouts"]) for s in summaries)
-    stored, same = stored_events(cluster, pipeline, shards)
+    by_tag, same = stored_events(cluster, pipeline, shards)
+    stored = sum(by_tag.values())
     # Redis must hold every event acked (warm-up included) and no more than was sent.
     consistent = same and acked > 0 and acked <= stored <= sent
     return SpreadRun(shards, load.name, rep, measured_acked / wall, measured_acked, sent, stored, consistent, errors,
                      {port: (cpu1[port] - cpu0[port]) / wall for port in cpu1},
-                     sum(b - a for a, b in zip(side0, side1, strict=True)) / wall, wall, owners)
+                     sum(b - a for a, b in zip(side0, side1, strict=True)) / wall, wall, owners,
+                     {tag: count / stored if stored else 0.0 for tag, count in by_tag.items()})
 
 
 def measure_spread(cluster: RedisClusterServers, args: argparse.Namespace, repeat: int, seconds: float,
@@ -206,6 +213,10 @@ def measure_spread(cluster: RedisClusterServers, args: argparse.Namespace, repea
     wrk = ingest.find_wrk()
     loads = [ingest.Load("single-c8", 1, 8), ingest.Load(f"batch{args.batch}-c8", args.batch, 8)]
     roles = masters_by_port(cluster)
+    cpu0, t0 = node_cpu(cluster), time.monotonic()
+    time.sleep(5.0)  # what the nodes burn with no load (cluster bus, replication pings, cron)
+    cpu1, wall = node_cpu(cluster), time.monotonic() - t0
+    idle = {str(port): (cpu1[port] - cpu0[port]) / wall for port in cpu1}
     runs: list[SpreadRun] = []
     print(f"-- spread: {SIDECARS} sidecars at once, each with its own wrk; shards 1 and 3; {seconds:g} s runs, "
           f"{repeat} rep(s)", flush=True)
@@ -220,7 +231,7 @@ def measure_spread(cluster: RedisClusterServers, args: argparse.Namespace, repea
                 print(f"  rep {rep} {load.name:<12} shards {shards}: {run.eps:>9,.0f} ev/s  sidecars "
                       f"{run.sidecar_cores:.2f} cores  masters {per_master}  errors {run.errors}  "
                       f"[{'OK' if run.consistent else 'FAIL: Redis does not hold what was acked'}]", flush=True)
-    return {"roles": {str(k): v for k, v in roles.items()}, "runs": [run_dict(r) for r in runs],
+    return {"roles": {str(k): v for k, v in roles.items()}, "idle_cores": idle, "runs": [run_dict(r) for r in runs],
             "verified": all(r.consistent for r in runs)}
 
 
@@ -230,11 +241,30 @@ def run_dict(run: SpreadRun) -> dict[str, Any]:
     return data
 
 
+def own_share(run: dict[str, Any], port: int, roles: dict[int, str]) -> float:
+    """Share of the run's events that node ``port`` holds: its shards' (a master) or its master's (a replica)."""
+    role = roles[port]
+    master = int(role.rsplit(" ", 1)[1]) if role.startswith("replica of ") else port
+    return sum(share for tag, share in run["shard_share"].items() if run["shard_owner"][tag] == master)
+
+
+def node_labels(run: dict[str, Any], roles: dict[int, str]) -> dict[int, str]:
+    """'master A'..'master C' by the share of the run's events they hold (then port), 'replica of A'..."""
+    masters = sorted((port for port in roles if roles[port].startswith("master")),
+                     key=lambda port: (-own_share(run, port, roles), port))
+    letter = {port: "ABCDEFGH"[i] for i, port in enumerate(masters)}
+    labels = {port: f"master {letter[port]}" for port in masters}
+    for port, role in roles.items():
+        if role.startswith("replica of "):
+            labels[port] = f"replica of {letter.get(int(role.rsplit(' ', 1)[1]), '?')}"
+    return labels
+
+
 def show_spread(result: dict[str, Any]) -> None:
     roles = {int(k): v for k, v in result["roles"].items()}
     runs = result["runs"]
     s = benchlib.stat
-    print("Per node, 3 sidecars loaded at once (median (min..max) over repetitions); us/ev = node CPU / all events:")
+    print("3 sidecars loaded at once, 1 vs 3 shards (median (min..max) over repetitions):")
     rows = []
     for load in dict.fromkeys(r["load"] for r in runs):
         for shards in (1, 3):
@@ -242,19 +272,41 @@ def show_spread(result: dict[str, Any]) -> None:
             if not mine:
                 continue
             total = [sum(r["node_cores"].values()) for r in mine]
-            cells = [f"{load}, {shards} shard(s)", s([r["eps"] for r in mine]).show(),
-                     s([r["sidecar_cores"] for r in mine]).show("{:.2f}"), s(total).show("{:.2f}")]
-            for port in sorted(roles):
-                cores = [r["node_cores"][str(port)] for r in mine]
-                us = [1e6 * r["node_cores"][str(port)] * r["wall"] / r["acked"] if r["acked"] else 0 for r in mine]
-                share = [100 * r["node_cores"][str(port)] / t if t else 0 for r, t in zip(mine, total, strict=True)]
-                cells.append(f"{s(cores).median:.2f} c {s(us).median:.2f} us {s(share).median:.0f}%")
-            cells.append("yes" if all(r["consistent"] for r in mine) else "NO")
-            rows.append(cells)
-    headers = ["load, shards", "events/s", "sidecars cores", "Redis cores"]
-    headers += [f"{port} ({roles[port]})" for port in sorted(roles)] + ["Redis ok"]
-    print(benchlib.table(headers, rows))
-    print("  per node: cores, CPU us per event (of all events), share of the cluster's Redis CPU\n")
+            rows.append([f"{load}, {shards} shard(s)", s([r["eps"] for r in mine]).show(),
+                         s([r["sidecar_cores"] for r in mine]).show("{:.2f}"), s(total).show("{:.2f}"),
+                         s([1e6 * t * r["wall"] / r["acked"] for r, t in zip(mine, total, strict=True)]).show("{:.2f}"),
+                         "yes" if all(r["consistent"] for r in mine) else "NO"])
+    print(benchlib.table(["load, shards", "events/s", "sidecars cores", "Redis cores (6 nodes)",
+                          "Redis us/event (6 nodes)", "Redis ok"], rows))
+    print("\nPer node: CPU, its share of the cluster's Redis CPU, its share of the events (a master: its shards'; "
+          "a replica: its master's) and CPU us per event it holds. Masters are named by the events they hold (A: "
+          "most), as each run's pipeline lands on its own slots:")
+    rows = []
+    for load in dict.fromkeys(r["load"] for r in runs):
+        for shards in (1, 3):
+            mine = [r for r in runs if r["load"] == load and r["shards"] == shards]
+            per_label: dict[str, list[tuple[float, float, float, float]]] = {}
+            for r in mine:
+                total = sum(r["node_cores"].values())
+                for port, label in node_labels(r, roles).items():
+                    cores = r["node_cores"][str(port)]
+                    events = own_share(r, port, roles)
+                    own = 1e6 * cores * r["wall"] / (r["acked"] * events) if events > 0 and r["acked"] else -1.0
+                    per_label.setdefault(label, []).append((cores, 100 * cores / total if total else 0.0,
+                                                            100 * events, own))
+            for label in sorted(per_label, key=lambda x: (x.startswith("replica"), x)):
+                values = per_label[label]
+                own_values = [v[3] for v in values if v[3] >= 0]
+                rows.append([f"{load}, {shards} shard(s)", label, s([v[0] for v in values]).show("{:.3f}"),
+                             f"{s([v[1] for v in values]).median:.0f}%", f"{s([v[2] for v in values]).median:.0f}%",
+                             s(own_values).show("{:.2f}") if own_values else "-"])
+    print(benchlib.table(["load, shards", "node", "cores", "share of Redis CPU", "share of events",
+                          "us per event held"], rows))
+    idle = result.get("idle_cores", {})
+    if idle:
+        print("  idle cluster before the runs (cores): " + ", ".join(f"{port} {cores:.3f}"
+                                                               for port, cores in sorted(idle.items())))
+    print()
 
 
 # -------------------------------------------------------------------------------------------- wait
@@ -429,6 +481,15 @@ def show_flush(result: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- main
+def show_all(figures: dict[str, Any]) -> None:
+    if "spread" in figures:
+        show_spread(figures["spread"])
+    if "wait" in figures:
+        show_wait(figures["wait"])
+    if "flush" in figures:
+        show_flush(figures["flush"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 repetition, 2 s runs, 50k-row flushes")
@@ -440,7 +501,11 @@ def main() -> int:
     parser.add_argument("--rows", type=int, help="counters in the flush measure, over all shards (default 300,000; "
                                                  "--quick 50,000)")
     parser.add_argument("--save", metavar="FILE", help="write the measured figures as JSON")
+    parser.add_argument("--show", metavar="FILE", help="measure nothing: print the tables of figures saved by --save")
     args = parser.parse_args()
+    if args.show:
+        show_all(json.loads(Path(args.show).read_text()))
+        return 0
     repeat = args.repeat or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     rows = args.rows or (50_000 if args.quick else 300_000)
@@ -469,12 +534,7 @@ def main() -> int:
             cluster.stop()
     figures["load_avg_end"] = benchlib.load_average()
     print(f"\nload avg at start {figures['load_avg_start']}, at end {figures['load_avg_end']}\n")
-    if "spread" in figures:
-        show_spread(figures["spread"])
-    if "wait" in figures:
-        show_wait(figures["wait"])
-    if "flush" in figures:
-        show_flush(figures["flush"])
+    show_all(figures)
     if args.save:
         Path(args.save).write_text(json.dumps(figures, indent=1))
         print(f"figures saved to {args.save}")
