@@ -417,6 +417,7 @@ class Assumptions:
     dedup_window_s: float
     message_id_share: float
     replicas: int
+    wait_replicas: int
 
 
 class Model:
@@ -438,6 +439,22 @@ class Model:
             print(f"  {name:<{width}}  {value:>{vwidth}}   = {formula}")
 
 
+def cluster_loads(cluster: dict[str, Any] | None, batch: int, wait: int) -> dict[str, dict[str, float]] | None:
+    """cluster.py's concurrency-1 figures (medians) shaped like the sidecar measure's loads, or None."""
+    if not cluster or "wait" not in cluster or not cluster["wait"].get("answered"):
+        return None
+    runs = cluster["wait"]["runs"]
+    found: dict[str, dict[str, float]] = {}
+    for name in ("single-c1", f"batch{batch}-c1"):
+        mine = [r for r in runs if r["load"] == name and r["replicas"] == wait]
+        if not mine or "replica_us_per_request" not in mine[0]:
+            return None
+        found[name] = {"sidecar_us_per_request": benchlib.stat([r["sidecar_us_per_request"] for r in mine]).median,
+                       "redis_us_per_request": benchlib.stat([r["master_us_per_request"] for r in mine]).median,
+                       "replica_us_per_request": benchlib.stat([r["replica_us_per_request"] for r in mine]).median}
+    return found
+
+
 def per_request_cost(loads: dict[str, Any], batch: int, events: int, field: str) -> tuple[float, str]:
     """CPU µs of one request of ``events`` events in its own group commit: straight line through the
     measured c=1 points (1 and ``batch`` events per request)."""
@@ -453,6 +470,12 @@ def model(figures: dict[str, Any], a: Assumptions) -> Model:
     side, fl = figures["sidecar"], figures["flush"]
     batch = side["batch"]
     loads = side["loads"]
+    cluster = cluster_loads(figures.get("cluster"), batch, a.wait_replicas)
+    source = "standalone Redis, no replica (capacity.py)"
+    if cluster is not None:
+        # On the cluster (master + replica), in the regime of a pod: what a deployment with replicas pays.
+        loads = {name: {**loads[name], **values} for name, values in cluster.items()}
+        source = f"cluster master with a replica, wait_replicas {a.wait_replicas} (cluster.py)"
     # ---- sidecars
     pod_eps = m.step("events/s per pod", a.events_per_second / a.pods, "events/s / pods", "ev/s", "{:,.1f}")
     pod_rps = m.step("requests/s per pod", pod_eps / a.events_per_request, "events/s per pod / events per request",
@@ -461,7 +484,7 @@ def model(figures: dict[str, Any], a: Assumptions) -> Model:
            "window, so one commit per request (the measured c=1 regime)", "ms", "{:,.1f}")
     req_us, req_formula = per_request_cost(loads, batch, a.events_per_request, "sidecar_us_per_request")
     m.step("sidecar CPU per request", req_us, f"{req_formula} (sidecar us/req at c=1, measured at 1 and {batch} "
-           "events/request, straight line between)", "us", "{:,.1f}")
+           f"events/request, straight line between; {source})", "us", "{:,.1f}")
     idle = side["idle_sidecar_cores"]
     pod_cores = m.step("sidecar cores per pod", idle + pod_rps * req_us / 1e6,
                        f"idle {idle:.4f} + requests/s per pod x CPU per request", "cores", "{:.4f}")
@@ -476,7 +499,7 @@ def model(figures: dict[str, Any], a: Assumptions) -> Model:
     # ---- Redis
     redis_req_us, redis_formula = per_request_cost(loads, batch, a.events_per_request, "redis_us_per_request")
     m.step("Redis CPU per request (one commit)", redis_req_us, f"{redis_formula} (redis-server us per c=1 "
-           "request: the commit script plus a wake-up and socket I/O per request)", "us", "{:,.1f}")
+           f"request: the commit script plus a wake-up and socket I/O per request; {source})", "us", "{:,.1f}")
     script_us, script_formula = per_request_cost(loads, batch, a.events_per_request, "script_us_per_commit")
     m.step("  of which the commit script", script_us, f"{script_formula} (INFO commandstats at c=1)", "us",
            "{:,.1f}")
@@ -486,6 +509,12 @@ def model(figures: dict[str, Any], a: Assumptions) -> Model:
                          f"pods x req/s x Redis CPU per request ({ingest_cores:,.1f}) + rows/s x {flush_us:.2f} "
                          f"us/row of flush ({rows_s * flush_us / 1e6:,.2f})", "cores", "{:,.1f}")
     masters_cpu = math.ceil(redis_cores / a.redis_utilization)
+    if cluster is not None:
+        replica_us, replica_formula = per_request_cost(loads, batch, a.events_per_request, "replica_us_per_request")
+        m.step("replica CPU per request", replica_us, f"{replica_formula} (the shard's replica, us per c=1 request)",
+               "us", "{:,.1f}")
+        m.step("Redis cores (replicas, all)", a.replicas * a.pods * pod_rps * replica_us / 1e6,
+               f"{a.replicas} x pods x req/s x replica CPU per request", "cores", "{:,.1f}")
     m.step("events/s per Redis master", a.redis_utilization * 1e6 / (redis_req_us / a.events_per_request),
            f"{a.redis_utilization:g} core / ({redis_req_us:.1f} us / {a.events_per_request} events): extrapolated, "
            "this machine cannot load a Redis core (the sidecar saturates first)", "ev/s")
@@ -554,7 +583,7 @@ def assumptions(args: argparse.Namespace, events_per_request: int) -> Assumption
                        args.user_types_per_day, args.window_active_share, args.user_types_per_window,
                        args.flush_interval, args.flush_budget, args.redis_utilization, args.redis_memory,
                        args.dedup_window,
-                       args.message_id_share, args.replicas)
+                       args.message_id_share, args.replicas, args.wait_replicas)
 
 
 def main() -> int:
@@ -592,11 +621,18 @@ def main() -> int:
     group.add_argument("--message-id-share", type=float, default=1.0,
                        help="share of events carrying a message_id (Segment/PostHog SDKs always send one)")
     group.add_argument("--replicas", type=int, default=1)
+    group.add_argument("--wait-replicas", type=int, choices=(0, 1), default=0,
+                       help="server.wait_replicas (with --cluster: its measured cost is used)")
+    parser.add_argument("--cluster", metavar="FILE", help="figures saved by cluster.py --save: the model then takes "
+                                                          "the sidecar's and Redis's CPU per request on a cluster "
+                                                          "master with a replica (and the replica's)")
     args = parser.parse_args()
     per_request = [int(n) for n in args.events_per_request.split(",")]
 
     if args.model:
         figures = json.loads(Path(args.model).read_text())
+        if args.cluster:
+            figures["cluster"] = json.loads(Path(args.cluster).read_text())
         print(f"== capacity model from {args.model} (measured {figures['date']} on {figures['machine']})\n")
         for value in per_request:
             print_model(figures, assumptions(args, value))
@@ -626,6 +662,8 @@ def main() -> int:
     if args.save:
         Path(args.save).write_text(json.dumps(figures, indent=1))
         print(f"figures saved to {args.save}\n")
+    if args.cluster:
+        figures["cluster"] = json.loads(Path(args.cluster).read_text())
     if "sidecar" in figures and "flush" in figures:
         for value in per_request:
             print_model(figures, assumptions(args, value))

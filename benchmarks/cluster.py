@@ -15,8 +15,10 @@ loads and Lua). CPU is utime+stime from /proc/<pid>/stat of every redis-server a
   CPU per event (node CPU / all events) and its share of the cluster's Redis CPU. This machine has 2
   cores for 6 Redis nodes, 3 sidecars and 3 wrk: the point is where the load goes (one master, or split
   evenly over three), not a speed-up the cores cannot give. Redis must hold every acked event.
-- ``wait``: one sidecar, one shard, ``server.wait_replicas`` 0 then 1: latency, events/s, sidecar and
-  master CPU per request at concurrency 1 (every request its own commit, so its own WAIT) and 32.
+- ``wait``: one sidecar, one shard, ``server.wait_replicas`` 0 then 1: latency, events/s, CPU per request of
+  the sidecar, the shard's master and its replica, at concurrency 1 (every request its own commit, so its
+  own WAIT: a pod's regime; capacity.py's model takes these with ``--cluster FILE``) and 32, single events
+  and batches.
   WAIT calls are read from the master's INFO commandstats (0 calls: the figure is not reported).
 - ``flush``: ``--rows`` counters (flush.py's fill: 7 days, users split over the shards) in 1 and then 3
   shards, flushed by one ``analytics-pipeline flush`` process (the CronJob's command, config
@@ -313,9 +315,12 @@ def show_spread(result: dict[str, Any]) -> None:
 def measure_wait(cluster: RedisClusterServers, args: argparse.Namespace, repeat: int, seconds: float,
                  scratch: Path) -> dict[str, Any]:
     wrk = ingest.find_wrk()
-    loads = [ingest.Load("single-c1", 1, 1), ingest.Load("single-c32", 1, 32),
-             ingest.Load(f"batch{args.batch}-c32", args.batch, 32)]
+    loads = [ingest.Load("single-c1", 1, 1), ingest.Load(f"batch{args.batch}-c1", args.batch, 1),
+             ingest.Load("single-c32", 1, 32), ingest.Load(f"batch{args.batch}-c32", args.batch, 32)]
     runs: list[dict[str, Any]] = []
+    replica_of = {int(n["port"]): next(int(r["port"]) for r in cluster.cluster_nodes()  # type: ignore[call-overload]
+                                       if r["master"] == n["id"])
+                  for n in cluster.cluster_nodes() if n["role"] == "master"}
     print(f"-- wait: one sidecar, one shard, server.wait_replicas 0 and 1; {seconds:g} s runs, {repeat} rep(s)",
           flush=True)
     for rep in range(1, repeat + 1):
@@ -327,15 +332,18 @@ def measure_wait(cluster: RedisClusterServers, args: argparse.Namespace, repeat:
                 owner = int(cluster.owner_of_slot(PipelineKeys(pipeline).slot)["port"])  # type: ignore[call-overload]
                 master = redis.Redis(host="127.0.0.1", port=owner, decode_responses=True)
                 master_pid = cluster.node(owner).process.pid  # type: ignore[union-attr]
+                replica_pid = cluster.node(replica_of[owner]).process.pid  # type: ignore[union-attr]
                 with sidecar(config, cluster.url, pipeline, "pod-0", scratch) as (pid, port):
                     url = f"http://127.0.0.1:{port}"
                     if args.warmup > 0:
                         ingest.run_wrk(wrk, url, load, args.warmup, 1)
                     master.config_resetstat()
                     cpu0, m0, t0 = benchlib.cpu_seconds(pid), benchlib.cpu_seconds(master_pid), time.monotonic()
+                    r0 = benchlib.cpu_seconds(replica_pid)
                     summary, _ = ingest.run_wrk(wrk, url, load, seconds, 1)
                     wall = time.monotonic() - t0
-                    cpu1, m1 = benchlib.cpu_seconds(pid), benchlib.cpu_seconds(master_pid)
+                    cpu1, m1, r1 = (benchlib.cpu_seconds(pid), benchlib.cpu_seconds(master_pid),
+                                    benchlib.cpu_seconds(replica_pid))
                     stats = master.info("commandstats")
                 master.close()
                 requests = summary["requests"] - summary["status_errors"]
@@ -346,12 +354,14 @@ def measure_wait(cluster: RedisClusterServers, args: argparse.Namespace, repeat:
                        "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
                        "sidecar_us_per_request": 1e6 * (cpu1 - cpu0) / max(requests, 1),
                        "master_us_per_request": 1e6 * (m1 - m0) / max(requests, 1),
+                       "replica_us_per_request": 1e6 * (r1 - r0) / max(requests, 1),
                        "wait_calls": waits, "commits": commits, "errors": int(summary["status_errors"])}
                 runs.append(run)
                 print(f"  rep {rep} {load.name:<12} wait_replicas {replicas}: {run['eps']:>9,.0f} ev/s  p50 "
                       f"{run['p50_ms']:6.2f} ms p99 {run['p99_ms']:6.2f} ms  sidecar "
                       f"{run['sidecar_us_per_request']:6.1f} us/req  master {run['master_us_per_request']:6.1f} "
-                      f"us/req  WAIT calls {waits:,} / commits {commits:,}  non-2xx {run['errors']}", flush=True)
+                      f"us/req  replica {run['replica_us_per_request']:6.1f} us/req  WAIT calls {waits:,} / commits "
+                      f"{commits:,}  non-2xx {run['errors']}", flush=True)
     issued = all(r["wait_calls"] > 0 for r in runs if r["replicas"] == 1)
     answered = all(r["rps"] > 0 for r in runs)
     return {"runs": runs, "wait_issued": issued, "answered": answered}
@@ -376,9 +386,10 @@ def show_wait(result: dict[str, Any]) -> None:
                          s([r["sidecar_us_per_request"] for r in mine]).show("{:.1f}"),
                          s([r["sidecar_us_per_request"] / r["per_request"] for r in mine]).show("{:.2f}"),
                          s([r["master_us_per_request"] for r in mine]).show("{:.1f}"),
+                         s([r.get("replica_us_per_request", 0.0) for r in mine]).show("{:.1f}"),
                          f"{sum(r['wait_calls'] for r in mine):,}/{sum(r['commits'] for r in mine):,}"])
     print(benchlib.table(["load", "events/s", "p50 ms", "p99 ms", "sidecar us/req", "sidecar us/ev",
-                          "master us/req", "WAITs/commits"], rows))
+                          "master us/req", "replica us/req", "WAITs/commits"], rows))
     print()
 
 
