@@ -501,7 +501,7 @@ def model(figures: dict[str, Any], a: Assumptions) -> Model:
     m.step("Redis CPU per request (one commit)", redis_req_us, f"{redis_formula} (redis-server us per c=1 "
            f"request: the commit script plus a wake-up and socket I/O per request; {source})", "us", "{:,.1f}")
     script_us, script_formula = per_request_cost(loads, batch, a.events_per_request, "script_us_per_commit")
-    m.step("  of which the commit script", script_us, f"{script_formula} (INFO commandstats at c=1)", "us",
+    m.step("  the commit script alone", script_us, f"{script_formula} (INFO commandstats at c=1, standalone)", "us",
            "{:,.1f}")
     flush_us = fl["update"]["redis_us_per_row"]
     ingest_cores = a.pods * pod_rps * redis_req_us / 1e6
