@@ -116,6 +116,7 @@ class RedisServer:
         self.binary = find_redis_server()
         self.directory = directory
         self.port = port or free_port()
+        self._port_chosen = port is None  # a port we picked may be taken before we bind it: pick again
         self.appendonly = appendonly
         self.extra_args = extra_args  # e.g. ("--cluster-enabled", "yes") for the Redis Cluster test
         self.process: subprocess.Popen[bytes] | None = None
@@ -125,6 +126,27 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start it; a port taken by someone else between free_port() and the bind is replaced (first start only)."""
+        for attempt in range(5):
+            try:
+                return self._start()
+            except ServiceError:
+                log_text = (self.directory / "redis.log").read_text(errors="replace") \
+                    if (self.directory / "redis.log").exists() else ""
+                if not self._port_chosen or attempt == 4 or "already in use" not in log_text.lower():
+                    raise
+                if self.process is not None:
+                    self.process.kill()
+                    self.process.wait()
+                (self.directory / "redis.log").unlink()
+                self.port = free_port()
+                args = list(self.extra_args)
+                if "--cluster-port" in args:  # the cluster bus port may be the one taken
+                    args[args.index("--cluster-port") + 1] = str(free_port())
+                    self.extra_args = tuple(args)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--save", "", "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
@@ -140,9 +162,13 @@ class RedisServer:
                 from None
         deadline = time.monotonic() + 15
         while not redis_answers(self.url):
+            if self.process.poll() is not None:
+                raise ServiceError(f"redis-server on port {self.port} exited with code {self.process.returncode} "
+                                   f"while starting; its log ends with: {_log_tail(self.directory / 'redis.log')}")
             if time.monotonic() > deadline:
                 raise ServiceError(f"redis-server on port {self.port} does not answer PING; see {self.directory}")
             time.sleep(0.05)
+        self._port_chosen = False  # clients know this port now: a restart must come back on it
         return self
 
     def stop(self) -> None:

@@ -31,6 +31,7 @@ from .metrics import SidecarMetrics
 from .redis_client import lazy_redis
 from .redis_watch import setup_redis_watch
 from .reload import ConfigWatcher
+from .shard import pod_name
 from .state import SidecarState
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     app = web.Application(client_max_size=config.ingest.max_request_bytes + 1,
                           handler_args={"auto_decompress": False})
     metrics = SidecarMetrics()
-    committer = GroupCommitter(config, metrics, fence_deadline_seconds=fence_deadline_seconds)
+    # The pod's shard of counters.shards (shard 0, today's layout, when shards is 1).
+    committer = GroupCommitter(config, metrics, fence_deadline_seconds=fence_deadline_seconds, pod_name=pod_name())
     state = SidecarState(config, EventValidator(config), committer, metrics)
     metrics.watch(lambda: state.in_flight, lambda: committer.pending_events, lambda: committer.writes_in_flight)
     timeout = config.server.redis_timeout_seconds

@@ -14,6 +14,12 @@ may not have run. Every commit therefore carries a unique token that the script 
 ``SET NX``: if the fence wins, the script can never run any more (it would find the token), so the
 requests get 503; if the token is there, the script ran, and its value tells which events were
 duplicates, so the requests get 200.
+
+On a Redis Cluster every command goes to the master owning its slot (``sidecar/cluster.py``) and the
+fence goes to the slot's *current* owner, through a failover. With ``server.wait_replicas: k`` a
+script's reply is followed by ``WAIT k`` on the same connection; fewer than k replicas means the write
+is in doubt (a failover may still lose it): the fence decides again, and a token found is only taken
+as applied once ``WAIT k`` after a write on that connection says the replicas have it.
 """
 
 from __future__ import annotations
@@ -31,11 +37,18 @@ from typing import Any
 
 from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.events import Event
-from analytics_pipeline.core.keys import PIPELINES_SET, USER_FIELD_SEPARATOR, PipelineKeys, message_digest
+from analytics_pipeline.core.keys import (
+    PIPELINES_SET,
+    USER_FIELD_SEPARATOR,
+    PipelineKeys,
+    message_digest,
+    sidecar_shard_tag,
+)
 
 from .buckets import BucketKeyCache, hour_number
+from .cluster import REFUSED_PREFIXES, RoutedConnection, Topology
 from .metrics import SidecarMetrics
-from .resp import NoScriptError, RedisReplyError, RespConnection
+from .resp import NoScriptError, RedisConnectFailed, RedisReplyError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +83,9 @@ class CommitSettings:
     max_events: int
     window_seconds: float
     timeout_seconds: float
+    wait_replicas: int
+    wait_timeout_seconds: float
+    shards: int
 
     @classmethod
     def from_config(cls, config: Config) -> CommitSettings:
@@ -77,7 +93,8 @@ class CommitSettings:
         return cls(config.counters.ttl_seconds, config.ingest.dedup_window_seconds,
                    "daily" in granularities, "hourly" in granularities, "user_daily" in granularities,
                    config.server.group_commit_max_events, config.server.group_commit_window_ms / 1000.0,
-                   config.server.redis_timeout_seconds)
+                   config.server.redis_timeout_seconds, config.server.wait_replicas,
+                   config.server.wait_replicas_timeout_seconds, config.counters.shards)
 
 
 @dataclass(slots=True)
@@ -97,17 +114,23 @@ class GroupCommitter:
     """Batches submitted events into atomic Lua writes; see the module docstring for the protocol."""
 
     def __init__(self, config: Config, metrics: SidecarMetrics | None = None,
-                 fence_deadline_seconds: float | None = None, tag: str | None = None) -> None:
-        self.keys = PipelineKeys(config.pipeline, tag)  # tag: which shard (core/keys.py); None = shard 0
+                 fence_deadline_seconds: float | None = None, tag: str | None = None,
+                 pod_name: str | None = None) -> None:
+        # tag: which shard (core/keys.py); None = shard 0, or with pod_name the pod's shard of counters.shards
+        self._pod_name = pod_name
+        if tag is None and pod_name is not None:
+            tag = sidecar_shard_tag(config.pipeline, config.counters.shards, pod_name)
+        self.keys = PipelineKeys(config.pipeline, tag)
         self.pipeline = config.pipeline
         self.metrics = metrics or SidecarMetrics()
+        self.metrics.shard.labels(self.keys.tag).set(1)
         self.settings = CommitSettings.from_config(config)
         timeout = config.server.redis_timeout_seconds
         self.fence_deadline = fence_deadline_seconds or max(30.0, 10 * timeout)
         # Our own connections (never shared, never retried): a command is sent at most once.
-        self._redis_url = config.redis_url
-        self._lanes = [RespConnection(config.redis_url, timeout) for _ in range(MAX_IN_FLIGHT)]
-        self._free_lanes: list[RespConnection] = list(self._lanes)
+        self.topology = Topology(config.redis_url, timeout, config.redis.cluster, self.metrics.redirects)
+        self._lanes = [RoutedConnection(self.topology, self.keys.slot) for _ in range(MAX_IN_FLIGHT)]
+        self._free_lanes: list[RoutedConnection] = list(self._lanes)
         self._buckets = BucketKeyCache(self.keys)
         self._pending: list[_Pending] = []
         self._pending_events = 0
@@ -134,8 +157,25 @@ class GroupCommitter:
         return len(self._lanes) - len(self._free_lanes)
 
     def update(self, config: Config) -> None:
-        """Apply a reloaded config (TTL, granularities, dedup window, window sizes) to later batches."""
+        """Apply a reloaded config (TTL, granularities, dedup window, window sizes, shards) to later batches."""
         self.settings = CommitSettings.from_config(config)
+        if self._pod_name is not None:
+            tag = sidecar_shard_tag(self.pipeline, config.counters.shards, self._pod_name)
+            if tag != self.keys.tag:
+                self._switch_shard(tag)
+
+    def _switch_shard(self, tag: str) -> None:
+        """Later batches write to shard ``tag``; batches already planned finish on the old one."""
+        log.info("counters.shards changed: writing to shard %s (was %s)", tag, self.keys.tag,
+                 extra={"pipeline": self.pipeline, "shard": tag})
+        self.metrics.shard.remove(self.keys.tag)
+        self.keys = PipelineKeys(self.pipeline, tag)
+        self.metrics.shard.labels(tag).set(1)
+        self._buckets = BucketKeyCache(self.keys)
+        self._done_tokens = []  # another slot: they must not join the new shard's scripts (they expire)
+        self._registered_until = 0.0
+        for lane in self._lanes:
+            lane.slot = self.keys.slot
 
     def submit(self, events: Sequence[Event]) -> asyncio.Future[int]:
         """Queue one request's events; the future yields its duplicate count once stored in Redis."""
@@ -308,9 +348,10 @@ class GroupCommitter:
         keys: list[str] = [self.keys.dirty, token_key, *done_tokens, *bucket_keys, *msg_keys]
         return _Plan(keys, args, msg_owner, total)
 
-    async def _write(self, lane: RespConnection, batch: list[_Pending]) -> None:
+    async def _write(self, lane: RoutedConnection, batch: list[_Pending]) -> None:
         metrics = self.metrics
-        token_key = self.keys.group_commit(f"{self._instance}:{next(self._sequence)}")
+        keys = self.keys  # a shard switch (config reload) affects later batches only
+        token_key = keys.group_commit(f"{self._instance}:{next(self._sequence)}")
         done_tokens, self._done_tokens = self._done_tokens[:MAX_DONE_TOKENS], self._done_tokens[MAX_DONE_TOKENS:]
         started = time.perf_counter()
         holding = True
@@ -327,16 +368,16 @@ class GroupCommitter:
 
         try:
             plan = self._plan(batch, token_key, done_tokens)
-            reply = await self._execute(lane, plan, token_key, release)
+            reply = await self._execute(lane, plan, token_key, release, keys)
         except CommitFailed as failure:
-            self._done_tokens.extend(done_tokens)
+            self._keep_done_tokens(keys, done_tokens)
             metrics.commit_failures.labels(failure.reason).inc()
             for _, future in batch:
                 if not future.done():
                     future.set_exception(failure)
             return
         except BaseException as error:  # cancelled at shutdown, or a bug: nobody may hang
-            self._done_tokens.extend(done_tokens)
+            self._keep_done_tokens(keys, done_tokens)
             failure = CommitFailed("internal_error", f"write failed: {error!r}")
             if not isinstance(error, asyncio.CancelledError):
                 log.exception("group commit failed unexpectedly")
@@ -350,7 +391,7 @@ class GroupCommitter:
         finally:
             release()
         metrics.redis_write_seconds.observe(time.perf_counter() - started)
-        self._done_tokens.append(token_key)
+        self._keep_done_tokens(keys, [token_key])
         duplicates = [0] * len(batch)
         for ordinal in reply:
             duplicates[plan.msg_owner[ordinal - 1]] += 1
@@ -365,8 +406,13 @@ class GroupCommitter:
             if not future.done():
                 future.set_result(dups)
 
-    async def _execute(self, lane: RespConnection, plan: _Plan, token_key: str,
-                       release: Callable[[], None]) -> list[int]:
+    def _keep_done_tokens(self, keys: PipelineKeys, tokens: list[str]) -> None:
+        """Tokens for the next script to delete, unless they belong to a shard we no longer write."""
+        if keys is self.keys:
+            self._done_tokens.extend(tokens)
+
+    async def _execute(self, lane: RoutedConnection, plan: _Plan, token_key: str,
+                       release: Callable[[], None], keys: PipelineKeys) -> list[int]:
         """Run the script once (reloading it on NOSCRIPT); the duplicate ordinals, or CommitFailed."""
         try:
             if not lane.connected:
@@ -375,7 +421,7 @@ class GroupCommitter:
         except (RedisReplyError, OSError) as error:  # OSError: RedisUnavailable; RedisReplyError: AUTH/SELECT refused
             raise CommitFailed("redis_unavailable", f"cannot connect to Redis: {error}") from None
         if time.monotonic() >= self._registered_until:
-            await self._register(lane)
+            await self._register(lane, keys)
         for attempt in (1, 2):
             try:
                 reply = await lane.execute("EVALSHA", SCRIPT_SHA, len(plan.keys), *plan.keys, *plan.args)
@@ -385,15 +431,57 @@ class GroupCommitter:
                 await self._load_script(lane)
                 continue
             except RedisReplyError as error:
+                if str(error).startswith(REFUSED_PREFIXES):  # cluster migrating/failing over, Redis loading
+                    log.warning("Redis refused the group commit for now: %s", error, extra={"pipeline": self.pipeline})
+                    raise CommitFailed("redis_unavailable", f"Redis refused the write for now: {error}") from None
                 log.error("Redis refused the group commit: %s", error, extra={"pipeline": self.pipeline})
                 raise CommitFailed("redis_error", f"Redis refused the write: {error}") from None
+            except RedisConnectFailed as error:  # nothing was sent (a cluster node we had to connect to)
+                raise CommitFailed("redis_unavailable", f"cannot connect to Redis: {error}") from None
             except _AMBIGUOUS as error:
                 release()
                 return await self._resolve_ambiguous(token_key, error)
-            return self._parse_reply(reply)
+            ordinals = self._parse_reply(reply)
+            wait = self.settings.wait_replicas
+            if wait and not await self._replicated(lane, wait):
+                release()
+                return await self._resolve_in_doubt(token_key, wait)
+            return ordinals
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _register(self, lane: RespConnection) -> None:
+    async def _replicated(self, lane: RoutedConnection, wait: int) -> bool:
+        """``WAIT wait timeout`` on the connection that ran the script: did enough replicas get it?"""
+        s = self.settings
+        started = time.perf_counter()
+        try:
+            acked = await lane.execute_within(s.wait_timeout_seconds + s.timeout_seconds, "WAIT", wait,
+                                              max(1, round(s.wait_timeout_seconds * 1000)))
+        except (*_AMBIGUOUS, RedisReplyError) as error:
+            log.warning("WAIT failed (%r): the write is in doubt", error, extra={"pipeline": self.pipeline})
+            return False
+        finally:
+            self.metrics.wait_seconds.observe(time.perf_counter() - started)
+        return int(acked) >= wait
+
+    async def _resolve_in_doubt(self, token_key: str, wait: int) -> list[int]:
+        """Applied, but fewer than ``wait`` replicas confirmed it: decide with fence + WAIT until the deadline."""
+        log.warning("group commit %s not confirmed by %d replica(s) in time; resolving", token_key, wait,
+                    extra={"pipeline": self.pipeline})
+        found = await self.fence(token_key, wait)
+        if found is _UNKNOWN:
+            self.metrics.in_doubt.labels("unknown").inc()
+            log.error("could not confirm group commit %s on %d replica(s) within %.0f s; answering 503 "
+                      "(it may be counted)", token_key, wait, self.fence_deadline, extra={"pipeline": self.pipeline})
+            raise CommitFailed("unknown_outcome", "the write was not confirmed by the replicas; its outcome is unknown")
+        if found is None or found == b"fenced":
+            self.metrics.in_doubt.labels("fenced").inc()
+            log.warning("group commit %s was lost (a failover, most likely) and is fenced off", token_key,
+                        extra={"pipeline": self.pipeline})
+            raise CommitFailed("redis_unavailable", "the write was lost before the replicas had it; nothing counted")
+        self.metrics.in_doubt.labels("applied").inc()
+        return _ordinals(found)
+
+    async def _register(self, lane: RoutedConnection, keys: PipelineKeys) -> None:
         """Add the pipeline to ap:pipelines (how ``flush --all`` finds it) before counting anything.
 
         A separate command, not part of the script: ap:pipelines lives in another Redis Cluster slot
@@ -401,14 +489,14 @@ class GroupCommitter:
         Re-done every REGISTER_EVERY_SECONDS and after a reconnect, in case Redis lost the set.
         """
         try:
-            await lane.execute("SADD", PIPELINES_SET, self.keys.tag)
+            await lane.execute("SADD", PIPELINES_SET, keys.tag)
         except RedisReplyError as error:
             raise CommitFailed("redis_error", f"Redis refused to register the pipeline: {error}") from None
         except _AMBIGUOUS as error:
             raise CommitFailed("redis_unavailable", f"Redis unavailable: {error!r}") from None
         self._registered_until = time.monotonic() + REGISTER_EVERY_SECONDS
 
-    async def _load_script(self, lane: RespConnection) -> None:
+    async def _load_script(self, lane: RoutedConnection) -> None:
         try:
             await lane.execute("SCRIPT", "LOAD", SCRIPT)
         except RedisReplyError as error:
@@ -429,7 +517,7 @@ class GroupCommitter:
         """Decide whether an unanswered script ran: fence its token until Redis answers."""
         log.warning("Redis write outcome unknown (%r); fencing token %s", error, token_key,
                     extra={"pipeline": self.pipeline})
-        found = await self.fence(token_key)
+        found = await self.fence(token_key, self.settings.wait_replicas)
         if found is _UNKNOWN:
             self.metrics.ambiguous_writes.labels("unknown").inc()
             log.error("could not decide whether group commit %s was applied within %.0f s; answering 503 "
@@ -441,21 +529,23 @@ class GroupCommitter:
             log.info("fence won for %s: the write will never apply", token_key, extra={"pipeline": self.pipeline})
             raise CommitFailed("redis_unavailable", f"Redis did not answer in time ({error!r}); nothing was counted")
         self.metrics.ambiguous_writes.labels("applied").inc()
-        text = found.decode() if isinstance(found, bytes) else str(found)
         log.info("fence found %s applied", token_key, extra={"pipeline": self.pipeline})
-        ordinals = text.partition(":")[2]
-        return [int(part) for part in ordinals.split(",") if part]
+        return _ordinals(found)
 
-    async def fence(self, token_key: str) -> bytes | object | None:
+    async def fence(self, token_key: str, wait_replicas: int = 0) -> bytes | object | None:
         """``SET token fenced NX PX GET`` on fresh connections until Redis answers or the deadline.
 
         Returns None when the fence won (or an earlier fence of ours had), the token's value when the
-        commit had run first, or ``_UNKNOWN`` when Redis never answered within the deadline.
+        commit had run first, or ``_UNKNOWN`` when Redis never answered within the deadline. On a
+        cluster each attempt goes to the token's slot's current master (the map is reloaded after a
+        failure). With ``wait_replicas`` a token found counts only once ``PEXPIRE`` of it (a write on
+        the same connection) is confirmed by ``WAIT``: then the replicas hold the commit too.
         """
         deadline = time.monotonic() + self.fence_deadline
         delay = 0.02
+        s = self.settings
         while True:
-            connection = RespConnection(self._redis_url, self.settings.timeout_seconds)
+            connection = RoutedConnection(self.topology, self.keys.slot)
             try:
                 await connection.connect()
                 try:
@@ -466,10 +556,18 @@ class GroupCommitter:
                     # Redis < 7 refuses NX together with GET: SET NX, and read the token if it lost.
                     won = await connection.execute("SET", token_key, "fenced", "NX", "PX", FENCE_TTL_MS)
                     found = None if won is not None else await connection.execute("GET", token_key)
-                return found  # type: ignore[no-any-return]
+                if found is None or found == b"fenced" or not wait_replicas:
+                    return found  # type: ignore[no-any-return]
+                await connection.execute("PEXPIRE", token_key, FENCE_TTL_MS)
+                acked = await connection.execute_within(s.wait_timeout_seconds + s.timeout_seconds, "WAIT",
+                                                        wait_replicas, max(1, round(s.wait_timeout_seconds * 1000)))
+                if int(acked) >= wait_replicas:
+                    return found  # type: ignore[no-any-return]
+                log.debug("commit %s found but only %s replica(s) confirm it; asking again", token_key, acked)
             except (*_AMBIGUOUS, RedisReplyError) as error:
                 # No answer, or a transient refusal (LOADING after a restart, BUSY, ...): ask again.
                 log.debug("fence attempt for %s failed: %r", token_key, error)
+                self.topology.invalidate()
             finally:
                 connection.abort()
             if time.monotonic() >= deadline:
@@ -479,3 +577,9 @@ class GroupCommitter:
 
 
 _UNKNOWN = object()
+
+
+def _ordinals(found: object) -> list[int]:
+    """The duplicate ordinals a commit's token records (``ok:3,7``)."""
+    text = found.decode() if isinstance(found, bytes) else str(found)
+    return [int(part) for part in text.partition(":")[2].split(",") if part]

@@ -2,7 +2,8 @@
 
 Readiness pings Redis over a connection of its own (``sidecar/resp.py``, like the writes), not
 through redis-py: probes run every few seconds and must not pull redis-py into an ingest-only
-sidecar (see ``sidecar/redis_client.py``).
+sidecar (see ``sidecar/redis_client.py``). On a Redis Cluster it pings the master that owns the
+sidecar's shard slot (the one its writes go to).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .appkeys import REGISTRY, STATE
+from .cluster import Topology
 from .redis_watch import REDIS_WATCH
 from .resp import RespConnection
 
@@ -25,12 +27,16 @@ class RedisProbe:
         self._connection: RespConnection | None = None
         self._lock = asyncio.Lock()
 
-    async def ping(self, url: str, seconds: float) -> None:
-        """PING within ``seconds``; raises (and drops the connection) if Redis does not answer."""
+    async def ping(self, topology: Topology, slot: int, seconds: float) -> None:
+        """PING the master of ``slot`` within ``seconds``; raises (and drops the connection) if it does not answer."""
         async with asyncio.timeout(seconds), self._lock:
+            address = await topology.address_for(slot)
             connection = self._connection
+            if connection is not None and (connection.host, connection.port) != (address.host, address.port):
+                connection.abort()  # the slot moved (failover, resharding)
+                connection = None
             if connection is None:
-                connection = self._connection = RespConnection(url, seconds)
+                connection = self._connection = RespConnection(address, seconds)
             try:
                 await connection.connect()
                 await connection.execute("PING")
@@ -60,11 +66,13 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready to take events: config loaded, Redis answers PING with maxmemory-policy noeviction (or
     eviction allowed) and memory under the high-water mark, not draining; 503 otherwise."""
     state = request.app[STATE]
-    body: dict[str, object] = {"pipeline": state.config.pipeline}
+    body: dict[str, object] = {"pipeline": state.config.pipeline, "shard": state.committer.keys.tag}
     if state.draining:
         return _json(503, {**body, "status": "draining", "reason": "shutting down"})
     try:
-        await request.app[PROBE].ping(state.config.redis_url, state.config.server.redis_timeout_seconds)
+        committer = state.committer
+        timeout = state.config.server.redis_timeout_seconds
+        await request.app[PROBE].ping(committer.topology, committer.keys.slot, timeout)
     except Exception as error:
         return _json(503, {**body, "status": "unavailable", "reason": f"Redis does not answer: {error!r}"})
     problem = request.app[REDIS_WATCH].problem()

@@ -78,6 +78,20 @@ class SidecarMetrics:
             "analytics_sidecar_ambiguous_writes",
             "Writes whose reply was lost (timeout/connection error), by what the fence found out", ["outcome"],
             registry=r)
+        self.redirects = Counter(
+            "analytics_sidecar_redis_redirects",
+            "Redis Cluster redirections followed by the write path (moved: slot map reloaded; ask: ASKING)", ["kind"],
+            registry=r)
+        self.wait_seconds = Histogram(
+            "analytics_sidecar_wait_replicas_seconds", "Time of the WAIT after a group commit (server.wait_replicas)",
+            registry=r, buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.in_doubt = Counter(
+            "analytics_sidecar_replication_in_doubt",
+            "Applied writes that fewer than server.wait_replicas replicas confirmed in time, by how they were settled "
+            "(applied: confirmed later, 200; fenced: lost in a failover, 503; unknown: 503 at the fence deadline)",
+            ["outcome"], registry=r)
+        self.shard = Gauge("analytics_sidecar_shard", "1 for the shard tag (counters.shards) this sidecar writes to",
+                           ["tag"], registry=r)
         self.config_reloads = Counter("analytics_sidecar_config_reloads", "Config file reloads, by result",
                                       ["result"], registry=r)
         self.requests_in_flight = Gauge("analytics_sidecar_requests_in_flight", "Ingest requests being handled",
@@ -93,6 +107,9 @@ class SidecarMetrics:
             self.events_rejected.labels(reason)
         for outcome in AMBIGUOUS_OUTCOMES:
             self.ambiguous_writes.labels(outcome)
+            self.in_doubt.labels(outcome)
+        for kind in ("moved", "ask"):
+            self.redirects.labels(kind)
         self._refused = {reason: self.requests_refused.labels(reason) for reason in REFUSAL_REASONS}
 
     def refused(self, reason: str, events: int = 0) -> None:

@@ -5,6 +5,8 @@ Every ``redis.memory_check_interval_seconds`` one ``INFO memory`` over a connect
 readiness fails) *before* Redis itself refuses writes, so Redis keeps the room the flusher needs to run
 and free memory. ``maxmemory-policy`` is read on every (re)connect: an evicting policy fails readiness
 unless ``redis.allow_eviction``; a refused ``CONFIG GET`` (managed Redis) is a warning and a metric.
+On a Redis Cluster both are read on the master owning the sidecar's shard slot (re-found after a
+failover or resharding), the node whose memory its writes use.
 """
 
 from __future__ import annotations
@@ -79,9 +81,14 @@ class RedisWatch:
         an unreachable Redis is the committer's to report."""
         config = self.state.config
         try:
+            committer = self.state.committer
+            address = await committer.topology.address_for(committer.keys.slot)
             connection = self._connection
+            if connection is not None and (connection.host, connection.port) != (address.host, address.port):
+                self.close()  # the shard's slot has another master now
+                connection = None
             if connection is None or not connection.connected:
-                connection = self._connection = RespConnection(config.redis_url, config.server.redis_timeout_seconds)
+                connection = self._connection = RespConnection(address, config.server.redis_timeout_seconds)
                 await connection.connect()
                 await self._check_policy(connection)
             used, maxmemory = memory_usage(await connection.execute("INFO", "memory"))

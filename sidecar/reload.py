@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # Changing these needs a restart (new connections, new socket, new key space).
 RESTART_KEYS = ("pipeline", "redis_url", "server.host", "server.port", "server.redis_timeout_seconds",
                 "server.keepalive_timeout_seconds", "server.header_timeout_seconds",
-                "server.bad_request_logs_per_minute", "server.health_host", "server.health_port")
+                "server.bad_request_logs_per_minute", "server.health_host", "server.health_port", "redis.cluster")
 
 
 def _digest(path: Path) -> str | None:

@@ -27,6 +27,10 @@ class RedisUnavailable(ConnectionError):
     """No answer: cannot connect, or the connection broke (a command sent may or may not have run)."""
 
 
+class RedisConnectFailed(RedisUnavailable):
+    """The connection could not be opened: nothing was sent, so nothing can have run."""
+
+
 class RedisTimeout(TimeoutError):
     """Redis did not answer in time (a command sent may or may not have run)."""
 
@@ -148,8 +152,8 @@ class RespConnection:
     have run; both are OSErrors) or :class:`RedisReplyError` / :class:`NoScriptError` (it was refused).
     """
 
-    def __init__(self, url: str, timeout: float) -> None:
-        address = parse_url(url)
+    def __init__(self, url: str | RedisAddress, timeout: float) -> None:
+        address = parse_url(url) if isinstance(url, str) else url
         self.timeout = timeout
         self.host = address.host
         self.port = address.port
@@ -179,7 +183,7 @@ class RespConnection:
                     context = ssl.create_default_context() if self.tls else None
                     _, protocol = await loop.create_connection(RespProtocol, self.host, self.port, ssl=context)
         except (OSError, TimeoutError) as error:
-            raise RedisUnavailable(f"cannot connect to Redis at {self.path or f'{self.host}:{self.port}'}: "
+            raise RedisConnectFailed(f"cannot connect to Redis at {self.path or f'{self.host}:{self.port}'}: "
                                        f"{error!r}") from None
         self._protocol = protocol
         try:
@@ -208,6 +212,39 @@ class RespConnection:
         finally:
             expiry.cancel()
         return _raise_reply_error(reply)
+
+    async def execute_within(self, seconds: float, *args: Any) -> Any:
+        """:meth:`execute` with its own timeout (``WAIT`` blocks on purpose for up to its own timeout)."""
+        protocol = self._protocol
+        if protocol is None:
+            raise RedisUnavailable("not connected to Redis")
+        return await self._await(protocol.send(hiredis.pack_command(args)), seconds)
+
+    async def execute_asking(self, *args: Any) -> Any:
+        """``ASKING`` and the command in one write (a Redis Cluster ``ASK`` redirection); the command's reply."""
+        protocol = self._protocol
+        if protocol is None:
+            raise RedisUnavailable("not connected to Redis")
+        asking = protocol.send(hiredis.pack_command(("ASKING",)))
+        waiter = protocol.send(hiredis.pack_command(args))
+        _raise_reply_error(await self._await(asking, self.timeout))
+        return _raise_reply_error(await self._await(waiter, self.timeout))
+
+    async def _await(self, waiter: asyncio.Future[Any], seconds: float) -> Any:
+        expiry = asyncio.get_running_loop().call_later(seconds, self._expire, waiter)
+        try:
+            reply = await waiter
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        finally:
+            expiry.cancel()
+        return _raise_reply_error(reply)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (or the socket path) this connection goes to."""
+        return self.path or f"{self.host}:{self.port}"
 
     def _expire(self, waiter: asyncio.Future[Any]) -> None:
         if not waiter.done():

@@ -83,3 +83,21 @@ def test_postgres_settings_override_the_test_defaults(tmp_path: Path) -> None:
         assert asyncio.run(show()) == ("on", "on", "off")  # named ones changed, the rest as the tests have them
     finally:
         server.destroy()
+
+
+def test_redis_server_picks_another_port_when_its_free_port_was_taken(tmp_path: Path) -> None:
+    """free_port() then bind is racy (parallel throwaway servers): a taken port is replaced, not fatal."""
+    import socket
+
+    from analytics_pipeline.core.services import RedisServer
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        server = RedisServer(tmp_path / "redis")
+        taken = server.port = squatter.getsockname()[1]
+        server.start()
+        try:
+            assert server.port != taken and redis_answers(server.url)
+        finally:
+            server.stop()
