@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import ENV_CONFIG_FILE, Config, load_config, read_config_file
 from analytics_pipeline.core.postgres import connect, create_pool
+from analytics_pipeline.core.redis_clients import RedisModeError, async_client
 from analytics_pipeline.core.services import ServiceError, Services, local_services
 from analytics_pipeline.flusher.errors import POSTGRES_CONNECTION_ERRORS, REDIS_CONNECTION_ERRORS, FlushError, describe
 from analytics_pipeline.flusher.migrate import apply_schema, schema_objects
@@ -311,7 +312,7 @@ class Demo:
         self.timings[name] = round(time.monotonic() - since, 3)
 
     async def main(self) -> int:
-        client = aioredis.Redis.from_url(self.config.redis_url, socket_timeout=10, socket_connect_timeout=10)
+        client = cast(aioredis.Redis, await async_client(self.config.redis_url, self.config.redis.cluster, timeout=10))
         conn: asyncpg.Connection | None = None
         pool: asyncpg.Pool | None = None
         sidecar: SidecarProcess | None = None
@@ -686,7 +687,7 @@ def run(args: argparse.Namespace) -> int:
     except ServiceError as error:
         say(f"error: {error}")
         return EXIT_CANNOT_RUN
-    except DemoError as error:
+    except (DemoError, RedisModeError) as error:
         say(f"error: {error}")
         return EXIT_CANNOT_RUN
     except FlushError as error:

@@ -19,7 +19,6 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from analytics_pipeline.core.config import Config, ConfigError, load_config
 from analytics_pipeline.core.errors import (
@@ -30,6 +29,7 @@ from analytics_pipeline.core.errors import (
 from analytics_pipeline.core.errors import ServiceError as FlushError
 from analytics_pipeline.core.keys import PipelineKeys
 from analytics_pipeline.core.postgres import connect
+from analytics_pipeline.core.redis_clients import RedisModeError, async_client
 from analytics_pipeline.reads.queries import (
     ConsistencyError,
     Point,
@@ -75,10 +75,10 @@ def _table(headers: tuple[str, str], rows: list[tuple[str, int]], footer: list[t
 
 
 async def _query(args: argparse.Namespace, config: Config) -> tuple[dict[str, Any], str]:
-    client = aioredis.Redis.from_url(config.redis_url, socket_timeout=10, socket_connect_timeout=10)
+    client = await async_client(config.redis_url, config.redis.cluster, timeout=10)
     conn = await connect(config, "analytics-pipeline query")
     try:
-        queries = Queries.for_config(client, conn, config)
+        queries = Queries.for_config(client, conn, config)  # type: ignore[arg-type]  # or a RedisCluster
         if args.what == "counts":
             start, end = resolve_range(args.granularity, args.start, args.end)
             series = await queries.counts(args.event, start, end, args.granularity, user_id=args.user_id)
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         body, table = asyncio.run(_query(args, config))
     except QueryInputError as error:
         return _fail(f"--{error.parameter.replace('_', '-')}: {error.message}")
-    except FlushError as error:
+    except (FlushError, RedisModeError) as error:
         return _fail(str(error))
     except REDIS_CONNECTION_ERRORS as error:
         return _fail(f"Redis unreachable: {describe(error)}")

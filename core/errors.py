@@ -41,10 +41,18 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
+    # a Redis Cluster between a master's death and its replica's promotion: retry later, nothing is lost
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.SlotNotCoveredError,
 )
 
 
 def describe(error: BaseException) -> str:
-    """A one-line description of an exception (type and message, no traceback)."""
+    """A one-line description of an exception (type and message, no traceback), with how to fix a
+    MOVED/ASK reply (a plain client on a Redis Cluster node: redis.cluster is 'off')."""
+    from analytics_pipeline.core.redis_clients import mode_hint
+
     text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text
+    text = f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text
+    hint = mode_hint(error)
+    return f"{text} ({hint})" if hint else text

@@ -7,7 +7,8 @@ renamed command) the policy cannot be read: that is a warning, not a failure.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 REQUIRED_POLICY = "noeviction"
 FIX_POLICY = ("set 'maxmemory-policy noeviction' (redis.conf, CONFIG SET maxmemory-policy noeviction, or the "
@@ -21,6 +22,7 @@ class PolicyCheck:
     policy: str | None
     allowed: bool
     refused: str | None = None  # why CONFIG GET failed, when it did
+    node: str | None = None  # the Redis Cluster master this is about (host:port), None on a lone Redis
 
     @property
     def evicting(self) -> bool:
@@ -32,19 +34,37 @@ class PolicyCheck:
         """The message that makes readiness fail / the flusher exit, or None when all is well."""
         if not self.evicting or self.allowed:
             return None
-        return (f"Redis maxmemory-policy is {self.policy!r}: an evicting policy silently drops acked counts "
+        return (f"Redis maxmemory-policy is {self.policy!r}{self._on}: an evicting policy silently drops acked counts "
                 f"and message_id dedup keys when memory runs out; {FIX_POLICY}")
 
     @property
     def warning(self) -> str | None:
         """What to log when the policy is unknown or knowingly accepted; None when it is noeviction."""
         if self.policy is None:
-            return (f"cannot read Redis maxmemory-policy ({self.refused}): make sure it is {REQUIRED_POLICY!r}, "
-                    "or acked counts may be evicted silently")
+            return (f"cannot read Redis maxmemory-policy{self._on} ({self.refused}): make sure it is "
+                    f"{REQUIRED_POLICY!r}, or acked counts may be evicted silently")
         if self.evicting and self.allowed:
-            return (f"Redis maxmemory-policy is {self.policy!r} and redis.allow_eviction is true: acked counts "
-                    "and dedup keys may be evicted silently when memory runs out")
+            return (f"Redis maxmemory-policy is {self.policy!r}{self._on} and redis.allow_eviction is true: acked "
+                    "counts and dedup keys may be evicted silently when memory runs out")
         return None
+
+
+    @property
+    def _on(self) -> str:
+        return f" on Redis Cluster master {self.node}" if self.node else ""
+
+
+def check_nodes(replies: Mapping[str, object], *, allowed: bool) -> PolicyCheck:
+    """Judge ``CONFIG GET maxmemory-policy`` of every master of a cluster (node name -> reply): the first
+    node with a problem (then with a warning) is the one reported, by name; else all agree."""
+    checks = [replace(check_policy(reply, allowed=allowed), node=node) for node, reply in sorted(replies.items())]
+    if not checks:
+        return PolicyCheck(None, allowed, "no Redis Cluster master answered")
+    for wanted in ("problem", "warning"):
+        for check in checks:
+            if getattr(check, wanted):
+                return check
+    return replace(checks[0], node=None)
 
 
 def policy_from_reply(reply: object) -> str | None:

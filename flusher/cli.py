@@ -28,7 +28,8 @@ import redis.exceptions
 from analytics_pipeline.core.config import Config, ConfigError, load_config
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
 from analytics_pipeline.core.postgres import connect
-from analytics_pipeline.core.redis_requirements import PolicyCheck, check_policy, unchecked
+from analytics_pipeline.core.redis_clients import RedisModeError, async_client, is_cluster_client
+from analytics_pipeline.core.redis_requirements import PolicyCheck, check_nodes, check_policy, unchecked
 from analytics_pipeline.core.shards import group_tags, registered_tags, valid_tag
 
 from .errors import (
@@ -100,6 +101,8 @@ def summarize(stats: list[PipelineStats], duration_s: float) -> dict[str, Any]:
         "retention_deleted_rows": sum(s.retention_deleted_rows for s in stats),
         "dead_lettered_units": sum(s.dead_lettered_units for s in stats),
         "dead_letter_units": sum(s.dead_letter_units for s in stats),
+        # claims left in flight because too few replicas acknowledged them (docs/flush-protocol.md)
+        "unreplicated_units": sum(len(s.unreplicated_units) for s in stats),
         "locked_pipelines": [s.pipeline for s in stats if s.locked],
         "errors": errors,
         "pipelines": {s.pipeline: s.as_dict() for s in stats},
@@ -121,14 +124,22 @@ async def _pipelines(args: argparse.Namespace, config: Config, client: aioredis.
 
 
 async def check_redis_policy(client: aioredis.Redis, config: Config) -> PolicyCheck:
-    """Read ``maxmemory-policy`` (every run: a ``--loop`` flusher reconnects each time); RedisMisconfigured
-    when it evicts and the config does not allow it, a warning when it cannot be read."""
+    """Read ``maxmemory-policy`` (every run: a ``--loop`` flusher reconnects each time) on the Redis, or on
+    every master of a cluster; RedisMisconfigured (naming the master) when one evicts and the config does
+    not allow it, a warning when it cannot be read."""
+    allowed = config.redis.allow_eviction
     try:
-        check = check_policy(await client.config_get("maxmemory-policy"), allowed=config.redis.allow_eviction)
+        if is_cluster_client(client):
+            replies = await client.config_get("maxmemory-policy", target_nodes=client.PRIMARIES)  # type: ignore[call-arg,attr-defined]
+            if not isinstance(replies, dict) or not all(isinstance(r, dict | list) for r in replies.values()):
+                replies = {client.get_primaries()[0].name: replies}  # type: ignore[attr-defined]  # one master
+            check = check_nodes(replies, allowed=allowed)
+        else:
+            check = check_policy(await client.config_get("maxmemory-policy"), allowed=allowed)
     except REDIS_CONNECTION_ERRORS:
         raise
     except redis.exceptions.ResponseError as error:  # NOPERM, unknown/renamed command (managed Redis)
-        check = unchecked(describe(error), allowed=config.redis.allow_eviction)
+        check = unchecked(describe(error), allowed=allowed)
     if check.problem:
         raise RedisMisconfigured(check.problem)
     if check.warning:
@@ -139,8 +150,15 @@ async def check_redis_policy(client: aioredis.Redis, config: Config) -> PolicyCh
 async def run_once(args: argparse.Namespace, config: Config, stop: asyncio.Event) -> tuple[dict[str, Any], int]:
     """One run over the selected pipelines; returns the summary and the exit code."""
     started = time.monotonic()
-    client = aioredis.Redis.from_url(config.redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                     socket_connect_timeout=REDIS_TIMEOUT_S)
+    try:
+        # a Redis Cluster (redis.cluster, auto: asked) gets redis-py's cluster client: MOVED/ASK, failover
+        client = await async_client(config.redis_url, config.redis.cluster, timeout=REDIS_TIMEOUT_S)
+    except RedisModeError as error:
+        raise RedisMisconfigured(str(error)) from None
+    except REDIS_CONNECTION_ERRORS as error:
+        raise ServiceUnreachable(f"Redis unreachable: {describe(error)}") from error
+    except redis.exceptions.RedisClusterException as error:  # no cluster node answered
+        raise ServiceUnreachable(f"Redis Cluster unreachable: {describe(error)}") from error
     conn = None
     all_stats: list[PipelineStats] = []
     try:
@@ -150,6 +168,8 @@ async def run_once(args: argparse.Namespace, config: Config, stop: asyncio.Event
             pipelines = await _pipelines(args, config, client)
         except REDIS_CONNECTION_ERRORS as error:
             raise ServiceUnreachable(f"Redis unreachable: {describe(error)}") from error
+        except redis.exceptions.AskError as error:  # MOVED/ASK to a plain client: redis.cluster is 'off'
+            raise RedisMisconfigured(f"Redis refused a command: {describe(error)}") from error
         except redis.exceptions.RedisError as error:
             raise FlushError(f"Redis refused a command: {describe(error)}") from error
         conn = await connect(config, "analytics-pipeline flush")

@@ -34,6 +34,7 @@ from .errors import (
     describe,
 )
 from .partitions import ensure_partitions, months_ahead
+from .replication import claim_link
 from .staging import Claim, ClaimHeld, Staging, new_run_id, run_id_of, unit_id_of
 from .store import apply_retention, apply_unit
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 Hook = Callable[[str], Awaitable[None]]
 
 CLAIM_HOLD_WAIT_S = 120.0
+# A claim answered with MOVED/ASK/TRYAGAIN/READONLY on the claim link (slot migrating, replica promoted)
+# never ran: reload the slot map and try again, this many times.
+CLAIM_REDIRECTS = 50
 PROGRESS_EVERY_S = 5.0
 
 
@@ -64,6 +68,8 @@ class PipelineStats:
     inflight_units: int = 0
     dead_lettered_units: int = 0  # units this run set aside
     dead_letter_units: int = 0  # dead letters of the pipeline waiting for `deadletter retry|discard`
+    replicas_required: int = 0  # replicas each claim had to reach before its unit was applied (0: no WAIT)
+    unreplicated_units: list[str] = field(default_factory=list)  # left in flight: too few replicas had the claim
     locked: bool = False
     lock_lost: bool = False
     lock_skipped: str | None = None  # why the run went on without the Redis lock (correctness never needs it)
@@ -101,6 +107,7 @@ class PipelineFlush:
         self.pipeline_steps = pipeline_steps
         self.keep_units = keep_units
         self.staging = Staging(client, self.keys)
+        self.link = claim_link(client, self.keys, config)
         self.conn = conn
         self.config = config
         self.batch_size = batch_size or config.flush.batch_size
@@ -131,6 +138,8 @@ class PipelineFlush:
             self._fail(error.exit_code, str(error))
         except REDIS_CONNECTION_ERRORS as error:
             self._fail(2, f"Redis unreachable: {describe(error)}")
+        except redis.exceptions.AskError as error:  # MOVED/ASK to a plain client: redis.cluster is 'off'
+            self._fail(2, f"Redis refused a command: {describe(error)}")
         except redis.exceptions.RedisError as error:
             self._fail(1, f"Redis refused a command: {describe(error)}")
         except asyncpg.exceptions.UndefinedTableError as error:
@@ -166,6 +175,7 @@ class PipelineFlush:
                 extender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await extender
+            await self.link.close()
             if token is not None:
                 with contextlib.suppress(*REDIS_CONNECTION_ERRORS):
                     if not await self.staging.release_lock(token):
@@ -199,8 +209,15 @@ class PipelineFlush:
         # 0. last month's, this month's and the next months' partitions (one catalog query when they exist; the months a
         #    unit writes are ensured again before it applies: late or old timestamps)
         await ensure_partitions(self.conn, months_ahead(datetime.now(UTC).date()))
-        # 1. recover units a dead (or concurrent) flusher left in flight
+        await self._claims_then_retention()
+
+    async def _claims_then_retention(self) -> None:
+        # 1. recover units a dead (or concurrent) flusher left in flight; with replicas, only once they
+        #    hold those units' claims (a barrier write + WAIT on the claim link, flusher/replication.py)
+        self.stats.replicas_required = await self.link.open()
         recovered = await self.staging.inflight_units()
+        if recovered and not await self._replicated(recovered, await self._barrier()):
+            recovered = []
         for unit_id in recovered:
             await self._process(unit_id, recovered=True)
         self.stats.recovered_units = len(recovered)
@@ -213,7 +230,7 @@ class PipelineFlush:
         budget = await self.staging.dirty_count()
         self.stats.run_id = run_id = new_run_id()
         batch = 0
-        while budget > 0 and not self.stop.is_set():
+        while budget > 0 and not self.stop.is_set() and not self.stats.unreplicated_units:
             batch += 1
             unit_id = unit_id_of(run_id, batch)
             claim = await self._claim(unit_id, min(self.batch_size, budget))
@@ -221,7 +238,7 @@ class PipelineFlush:
                 break
             budget -= claim.popped
             await self.step("after_claim")
-            if claim.staged_keys:
+            if claim.staged_keys and await self._claim_replicated(unit_id):
                 await self._process(unit_id)
         if self.stop.is_set() and budget > 0:
             self.stats.interrupted = True
@@ -241,13 +258,41 @@ class PipelineFlush:
 
     async def _claim(self, unit_id: str, limit: int) -> Claim:
         deadline = time.monotonic() + CLAIM_HOLD_WAIT_S
+        redirects = 0
         while True:
             try:
-                return await self.staging.claim(unit_id, limit)
+                return await self.staging.claim(unit_id, limit, on=self.link.link)
             except ClaimHeld:
                 if time.monotonic() > deadline:
                     raise FlushError(f"queries held claims for more than {CLAIM_HOLD_WAIT_S:.0f}s") from None
                 await asyncio.sleep(0.01)
+            except (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError):
+                # only the claim link sees these (the cluster client follows them itself): the script did not run
+                redirects += 1
+                if not self.link.active or redirects > CLAIM_REDIRECTS:
+                    raise
+                await asyncio.sleep(min(0.01 * redirects, 0.5))
+                await self.link.refresh()
+
+    async def _claim_replicated(self, unit_id: str) -> bool:
+        """Whether the unit just claimed may be applied: no replicas to wait for, or WAIT says they have it."""
+        return not self.link.active or await self._replicated([unit_id], await self.link.wait())
+
+    async def _barrier(self) -> int:
+        """Replicas holding every earlier write of the slot's master (the required count without a link)."""
+        return await self.link.barrier() if self.link.active else self.link.required
+
+    async def _replicated(self, units: list[str], acked: int) -> bool:
+        """True when ``acked`` replicas suffice; else the units stay in flight for a later run (no apply now:
+        a failover could still lose their claims and flush the same counts again) and the run says so."""
+        required = self.link.required
+        if acked >= required:
+            return True
+        self.stats.unreplicated_units.extend(units)
+        self._fail(1, f"claim of unit(s) {', '.join(units)} reached {acked} of {required} replica(s) of "
+                      f"{self.link.node} within {self.link.timeout_s:g}s: left in flight, not applied (a failover "
+                      "could lose the claim and the counts would be flushed twice); a later run applies them")
+        return False
 
     async def _process(self, unit_id: str, *, recovered: bool = False) -> None:
         """Open → apply (one transaction, ledger-guarded, reading the unit in chunks) → clean up; the unit

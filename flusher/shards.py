@@ -22,12 +22,14 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from analytics_pipeline.core.config import Config
+from analytics_pipeline.core.keys import PipelineKeys
 from analytics_pipeline.core.shards import pipeline_shards
 
 from . import deadletter
-from .errors import POSTGRES_CONNECTION_ERRORS, FlushError
+from .errors import POSTGRES_CONNECTION_ERRORS, REDIS_CONNECTION_ERRORS, FlushError, describe
 from .run import Hook, PipelineFlush, PipelineStats
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,25 @@ def combine(pipeline: str, shards: list[PipelineStats]) -> PipelineStats:
     errors = [f"{s.shard}: {s.error}" if len(shards) > 1 else s.error for s in shards if s.error]
     total.error = "; ".join(e for e in errors if e) or None
     total.exit_code = max((s.exit_code for s in shards), default=0)
+    total.replicas_required = max((s.replicas_required for s in shards), default=0)
+    total.unreplicated_units = [unit for s in shards for unit in s.unreplicated_units]
     total.shards = {s.shard or pipeline: s for s in shards}
     return total
+
+
+async def _shards_of(client: aioredis.Redis, pipeline: str, configured: int) -> list[PipelineKeys] | PipelineStats:
+    """The pipeline's shards, or its failed stats when Redis cannot say (same exit codes as a shard's run)."""
+    try:
+        return await pipeline_shards(client, pipeline, configured)
+    except (*REDIS_CONNECTION_ERRORS, redis.exceptions.RedisError) as error:
+        failed = PipelineStats(pipeline)
+        if isinstance(error, REDIS_CONNECTION_ERRORS):
+            failed.exit_code, failed.error = 2, f"Redis unreachable: {describe(error)}"
+        else:  # MOVED/ASK to a plain client (redis.cluster is 'off') is a misconfiguration: exit 2 as well
+            failed.exit_code = 2 if isinstance(error, redis.exceptions.AskError) else 1
+            failed.error = f"Redis refused a command: {describe(error)}"
+        log.error("pipeline %s: flush failed: %s", pipeline, failed.error)
+        return failed
 
 
 async def flush_pipeline_shards(client: aioredis.Redis, conn: asyncpg.Connection, config: Config, pipeline: str, *,
@@ -70,7 +89,9 @@ async def flush_pipeline_shards(client: aioredis.Redis, conn: asyncpg.Connection
     started = time.monotonic()
     stop = stop or asyncio.Event()
     configured = config.counters.shards if pipeline == config.pipeline else 1
-    shards = await pipeline_shards(client, pipeline, configured)
+    shards = await _shards_of(client, pipeline, configured)
+    if isinstance(shards, PipelineStats):
+        return shards
     workers = min(concurrency or config.flush.shard_concurrency, len(shards)) if connect is not None else 1
     connections: asyncio.Queue[asyncpg.Connection] = asyncio.Queue()
     connections.put_nowait(conn)

@@ -227,15 +227,16 @@ class FlaggedScript:
         self._plain = client.register_script(source.split("\n", 1)[1] if source.startswith("#!") else source)
         self._before_7 = False
 
-    async def __call__(self, keys: list[Any], args: list[Any] | None = None) -> Any:
+    async def __call__(self, keys: list[Any], args: list[Any] | None = None, client: Any = None) -> Any:
+        """Run it (on ``client`` instead of the registering client when given: the flusher's claim link)."""
         if not self._before_7:
             try:
-                return await self._flagged(keys=keys, args=args or [])
+                return await self._flagged(keys=keys, args=args or [], client=client)
             except ResponseError as error:
                 if "near '#'" not in str(error):
                     raise
                 self._before_7 = True
-        return await self._plain(keys=keys, args=args or [])
+        return await self._plain(keys=keys, args=args or [], client=client)
 
 
 class Staging:
@@ -259,12 +260,14 @@ class Staging:
         """Units claimed but not cleaned up (by a running or a dead flusher), oldest first."""
         return [_text(unit) for unit in await self.client.zrange(self.keys.inflight, 0, -1)]
 
-    async def claim(self, unit_id: str, limit: int) -> Claim:
-        """Atomically move up to ``limit`` oldest dirty buckets into staging keys owned by ``unit_id``."""
+    async def claim(self, unit_id: str, limit: int, on: Any = None) -> Claim:
+        """Atomically move up to ``limit`` oldest dirty buckets into staging keys owned by ``unit_id``
+        (``on``: run it on that client instead, the single connection the flusher then WAITs on)."""
         k = self.keys
         reply = await self._claim(
             keys=[k.dirty, k.inflight, k.unit(unit_id), k.claim_seq, k.claim_hold],
             args=[unit_id, limit, k.base, k.staging_prefix(unit_id)],
+            client=on,
         )
         if reply == -1:
             raise ClaimHeld(unit_id)

@@ -89,7 +89,8 @@ def create_app(config: Config, *, config_path: str | os.PathLike[str] | None = N
     app[CONFIG] = config
     app[STATE] = state
     app[REGISTRY] = metrics.registry
-    app[REDIS] = lazy_redis(config.redis_url, timeout)  # redis-py is loaded by the first read request
+    # redis-py is loaded by the first read request (a RedisCluster when redis.cluster says so)
+    app[REDIS] = lazy_redis(config.redis_url, timeout, config.redis.cluster)
     setup_redis_watch(app)
     setup_ingest_routes(app)
     with _guarding_routes(app):

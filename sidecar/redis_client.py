@@ -3,7 +3,9 @@
 Ingest writes over its own connections (``sidecar/resp.py``) and readiness pings over one too, so
 redis-py is needed only by queries and the dashboard. Importing it costs ~7 MB of resident memory
 (the whole package loads, whatever part is imported), a sixth of an idle sidecar: :class:`LazyRedis`
-defers both the import and the client until a read request needs them.
+defers both the import and the client until a read request needs them. Which client (``Redis`` or
+``RedisCluster``) follows ``redis.cluster`` through core/redis_clients.py; with ``auto`` the first read
+asks the server (``INFO cluster``, one blocking round trip bounded by the timeout, once per process).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+
+from analytics_pipeline.core.redis_clients import ClusterMode
 
 from .appkeys import REDIS
 
@@ -21,11 +25,12 @@ if TYPE_CHECKING:
 class LazyRedis:
     """Stands in for ``redis.asyncio.Redis.from_url(url, ...)``: attribute access creates the client."""
 
-    __slots__ = ("_client", "timeout", "url")
+    __slots__ = ("_client", "cluster", "timeout", "url")
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, cluster: ClusterMode = "auto") -> None:
         self.url = url
         self.timeout = timeout
+        self.cluster: ClusterMode = cluster
         self._client: aioredis.Redis | None = None
 
     @property
@@ -37,10 +42,11 @@ class LazyRedis:
     def client(self) -> aioredis.Redis:
         """The real client (decode_responses=True, timeouts as configured), created on first access."""
         if self._client is None:
-            import redis.asyncio as aioredis
+            from analytics_pipeline.core.redis_clients import async_client_for, resolve_mode_sync
 
-            self._client = aioredis.Redis.from_url(self.url, decode_responses=True, socket_timeout=self.timeout,
-                                                   socket_connect_timeout=self.timeout)
+            cluster = resolve_mode_sync(self.url, self.cluster, self.timeout)
+            self._client = cast("aioredis.Redis", async_client_for(self.url, cluster, decode_responses=True,
+                                                                   timeout=self.timeout))
         return self._client
 
     def __getattr__(self, name: str) -> Any:
@@ -54,9 +60,9 @@ class LazyRedis:
             await self._client.aclose()
 
 
-def lazy_redis(url: str, timeout: float) -> aioredis.Redis:
+def lazy_redis(url: str, timeout: float, cluster: ClusterMode = "auto") -> aioredis.Redis:
     """A :class:`LazyRedis`, typed as the client it stands for (the type of ``app[REDIS]``)."""
-    return cast("aioredis.Redis", LazyRedis(url, timeout))
+    return cast("aioredis.Redis", LazyRedis(url, timeout, cluster))
 
 
 def redis_client(app: web.Application) -> aioredis.Redis:

@@ -24,7 +24,8 @@ NOW = datetime.now(UTC)
 TODAY = NOW.date()
 FLUSH_KEYS = {"ok", "buckets", "rows", "units", "duration_s", "recovered_runs", "recovered_units",
               "oldest_unflushed_age_s", "unflushed_buckets", "retention_deleted_rows", "locked_pipelines", "errors",
-              "pipelines", "interrupted", "dead_lettered_units", "dead_letter_units", "redis_maxmemory_policy"}
+              "pipelines", "interrupted", "dead_lettered_units", "dead_letter_units", "redis_maxmemory_policy",
+              "unreplicated_units"}
 
 
 async def test_flush_prints_one_json_line_and_exits_0(redis_client: aioredis.Redis, pg: asyncpg.Connection,
