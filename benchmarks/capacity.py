@@ -544,9 +544,13 @@ def model(figures: dict[str, Any], a: Assumptions) -> Model:
                     f"a multiple of masters, >= per-user rows per window / ({per_flusher:,.0f} rows/s per flusher "
                     f"(update flushes) x {flush_s:g} s budget) = {shards_for_flush}")
     m.step("rows per shard per window", rows_window / shards, "per-user rows per window / shards", "rows")
-    m.step("shard flushes running concurrently", math.ceil(rows_s / (per_flusher * a.flush_budget)),
-           f"rows/s / ({per_flusher:,.0f} rows/s per flush x {a.flush_budget:g} budget), if PostgreSQL takes "
-           "them in parallel (see cluster.py)")
+    flush_time = m.step("flush time per window", rows_window / per_flusher,
+                        f"per-user rows per window / {per_flusher:,.0f} rows/s: one pipeline's applies are serialized "
+                        "(its advisory lock), so its shards add no PostgreSQL throughput (cluster.py flush)", "s",
+                        "{:,.0f}")
+    m.step("share of the flush interval", 100 * flush_time / a.flush_interval_s,
+           f"flush time / {a.flush_interval_s:g} s (above 100: one pipeline cannot keep up; split it into several "
+           "pipelines, whose flushes run in parallel)", "%", "{:,.0f}")
     m.step("flusher cores", rows_s * fl["update"]["flusher_us_per_row"] / 1e6,
            f"rows/s x {fl['update']['flusher_us_per_row']:.1f} us/row", "cores", "{:,.2f}")
     # ---- PostgreSQL
