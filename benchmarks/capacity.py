@@ -411,7 +411,6 @@ class Assumptions:
     window_active_share: float  # share of the day's users active in one flush window
     user_types_per_window: float  # distinct event types an active user sends in one flush window
     flush_interval_s: float
-    flush_budget: float  # share of the interval a shard's flush may take
     redis_utilization: float  # share of a core a Redis master is planned to use
     redis_memory_gib: float  # memory planned per Redis master
     dedup_window_s: float
@@ -538,11 +537,8 @@ def model(figures: dict[str, Any], a: Assumptions) -> Model:
     m.step("Redis nodes", masters * (1 + a.replicas), f"masters x (1 + {a.replicas} replica(s))")
     # ---- flushers and shards
     per_flusher = fl["update"]["rows_per_s"]
-    flush_s = a.flush_interval_s * a.flush_budget
-    shards_for_flush = math.ceil(rows_window / (per_flusher * flush_s))
-    shards = m.step("shards (counters.shards)", masters * max(1, math.ceil(shards_for_flush / masters)),
-                    f"a multiple of masters, >= per-user rows per window / ({per_flusher:,.0f} rows/s per flusher "
-                    f"(update flushes) x {flush_s:g} s budget) = {shards_for_flush}")
+    shards = m.step("shards (counters.shards)", masters, "one per master: a shard is one hash tag, one slot, on "
+                    "one master (core.keys.shard_tags spaces N shards evenly around the slot ring)")
     m.step("rows per shard per window", rows_window / shards, "per-user rows per window / shards", "rows")
     flush_time = m.step("flush time per window", rows_window / per_flusher,
                         f"per-user rows per window / {per_flusher:,.0f} rows/s: one pipeline's applies are serialized "
@@ -585,7 +581,7 @@ def print_model(figures: dict[str, Any], a: Assumptions) -> None:
 def assumptions(args: argparse.Namespace, events_per_request: int) -> Assumptions:
     return Assumptions(args.pods, args.events_per_second, events_per_request, args.daily_users, args.event_types,
                        args.user_types_per_day, args.window_active_share, args.user_types_per_window,
-                       args.flush_interval, args.flush_budget, args.redis_utilization, args.redis_memory,
+                       args.flush_interval, args.redis_utilization, args.redis_memory,
                        args.dedup_window,
                        args.message_id_share, args.replicas, args.wait_replicas)
 
@@ -615,7 +611,6 @@ def main() -> int:
                        help="share of the day's users active in one flush window (default 0.10)")
     group.add_argument("--user-types-per-window", type=float, default=3.0)
     group.add_argument("--flush-interval", type=float, default=300.0, help="seconds (the CronJob's 5 min)")
-    group.add_argument("--flush-budget", type=float, default=0.5, help="share of the interval a flush may take")
     group.add_argument("--redis-utilization", type=float, default=0.5,
                        help="share of a core planned per Redis master (headroom for spikes, failover, fork)")
     group.add_argument("--redis-memory", type=float, default=25.0,
