@@ -22,9 +22,10 @@ loads and Lua). CPU is utime+stime from /proc/<pid>/stat of every redis-server a
   WAIT calls are read from the master's INFO commandstats (0 calls: the figure is not reported).
 - ``flush``: ``--rows`` counters (flush.py's fill: 7 days, users split over the shards) in 1 and then 3
   shards, flushed by one ``analytics-pipeline flush`` process (the CronJob's command, config
-  ``counters.shards``, ``flush.shard_concurrency`` default: all 3 at once) into a throwaway PostgreSQL with
-  production's durability (fsync, synchronous_commit, full_page_writes on): rows/s in all and per shard;
-  PostgreSQL totals checked. (benchmarks/flush.py --shards measures the same on a single Redis, in-process.)
+  ``counters.shards``; ``flush.shard_concurrency`` 3: all at once, and 1: one after the other) into a
+  throwaway PostgreSQL with production's durability (fsync, synchronous_commit, full_page_writes on):
+  rows/s in all and per shard; PostgreSQL totals checked. (benchmarks/flush.py --shards measures the
+  same on a single Redis, in-process.)
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ from analytics_pipeline.core.keys import PipelineKeys, shard_tags, sidecar_shard
 from analytics_pipeline.core.services import PostgresServer, RedisClusterServers, free_port
 
 SIDECARS = 3
+# (shards, flush.shard_concurrency) of the flush measure: 1 shard; 3 at once; 3 one after the other.
+FLUSH_CASES = [(1, 1), (3, 3), (3, 1)]
 PRODUCTION_POSTGRES = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 
 
@@ -439,9 +442,10 @@ def measure_flush(cluster: RedisClusterServers, args: argparse.Namespace, repeat
               f"{', '.join(f'{k}={v}' for k, v in PRODUCTION_POSTGRES.items())}); "
               f"{repeat} rep(s)", flush=True)
         for rep in range(1, repeat + 1):
-            for shards in (1, 3):
+            for shards, concurrency in FLUSH_CASES:
                 pipeline = f"bench/cflush-{shards}-{rep}-{uuid.uuid4().hex[:6]}"
-                config = write_config(scratch, f"flush-{shards}.yaml", counters={"shards": shards})
+                config = write_config(scratch, f"flush-{shards}-{concurrency}.yaml", counters={"shards": shards},
+                                      flush={"shard_concurrency": concurrency})
                 filled = asyncio.run(fill_shards(cluster.url, pipeline, shards, rows, 604800))
                 before = resource_children()
                 t0 = time.monotonic()
@@ -457,12 +461,13 @@ def measure_flush(cluster: RedisClusterServers, args: argparse.Namespace, repeat
                 exact = done.returncode == 0 and all(totals[t][1] == expected[t] for t in expected)
                 flushed = int(summary.get("rows", 0))
                 seconds = float(summary.get("duration_s", wall))
-                run = {"shards": shards, "rep": rep, "rows": flushed, "seconds": seconds, "wall": wall,
+                run = {"shards": shards, "concurrency": concurrency, "rep": rep, "rows": flushed, "seconds": seconds,
+                       "wall": wall,
                        "rows_per_s": flushed / seconds if seconds else 0.0, "flusher_cpu_s": cpu,
                        "exact": exact, "exit": done.returncode, "details": summary.get("pipelines")}
                 run["rows_per_s_per_shard"] = run["rows_per_s"] / shards
                 runs.append(run)
-                print(f"  rep {rep} shards {shards}: {flushed:>9,} rows in {seconds:6.2f} s  "
+                print(f"  rep {rep} shards {shards} ({concurrency} at once): {flushed:>9,} rows in {seconds:6.2f} s  "
                       f"{run['rows_per_s']:>9,.0f} rows/s ({run['rows_per_s_per_shard']:,.0f} per shard)  "
                       f"flusher CPU {cpu:.2f} s  "
                       f"[{'OK' if exact else 'FAIL: ' + (done.stderr.strip()[-300:] or str(totals))}]", flush=True)
@@ -481,11 +486,16 @@ def resource_children() -> float:
 def show_flush(result: dict[str, Any]) -> None:
     s = benchlib.stat
     rows = []
-    for shards in (1, 3):
-        mine = [r for r in result["runs"] if r["shards"] == shards]
-        rows.append([f"{result['rows']:,} rows in {shards} shard(s)", s([r["seconds"] for r in mine]).show(
-            "{:.2f}"), s([r["rows_per_s"] for r in mine]).show(), s([r["rows_per_s_per_shard"] for r in mine]).show(),
-            s([r["flusher_cpu_s"] for r in mine]).show("{:.2f}"), "yes" if all(r["exact"] for r in mine) else "NO"])
+    for shards, concurrency in FLUSH_CASES:
+        mine = [r for r in result["runs"] if r["shards"] == shards
+                and r.get("concurrency", min(shards, 4)) == concurrency]  # 4: flush.shard_concurrency's default
+        if not mine:
+            continue
+        rows.append([f"{result['rows']:,} rows in {shards} shard(s), {concurrency} at once",
+                     s([r["seconds"] for r in mine]).show("{:.2f}"), s([r["rows_per_s"] for r in mine]).show(),
+                     s([r["rows_per_s_per_shard"] for r in mine]).show(),
+                     s([r["flusher_cpu_s"] for r in mine]).show("{:.2f}"),
+                     "yes" if all(r["exact"] for r in mine) else "NO"])
     print("Flush with shards flushed concurrently (median (min..max)):")
     print(benchlib.table(["flush", "seconds", "rows/s", "rows/s per shard", "flusher CPU s", "totals exact"], rows))
     print()
