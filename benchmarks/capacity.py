@@ -6,6 +6,8 @@
     .venv/bin/python benchmarks/capacity.py --save figures.json       # keep the measured figures
     .venv/bin/python benchmarks/capacity.py --model figures.json --pods 2000 --events-per-request 20
                                                              # the model again from saved figures, other assumptions
+    .venv/bin/python benchmarks/capacity.py --model figures.json --cluster cluster.json --wait-replicas 1
+                                                             # ... with cluster.py's per-request CPU (master+replica)
 
 Measured (throwaway servers from core.services, loopback only):
 
@@ -16,7 +18,8 @@ Measured (throwaway servers from core.services, loopback only):
   at concurrency 32 (saturated: group commits carry many requests). Per load: events/s, sidecar CPU per
   request and per event, Redis CPU per request and per event. Also an idle sidecar's CPU (timers, probes).
 - ``flush``: one flush (flusher.run.PipelineFlush, as benchmarks/flush.py) of N counters on a throwaway
-  PostgreSQL switched to ``full_page_writes = on`` (production's setting; the test harness turns it off),
+  PostgreSQL with production's durability (``fsync``, ``synchronous_commit``, ``full_page_writes`` on; the
+  test harness turns them off),
   a CHECKPOINT before each flush (so pages are logged whole once, as in the first flush after each
   checkpoint: with checkpoint_timeout 5 min and a 5-min flush schedule, every flush). First into empty
   rows (INSERTs), then the same counters again (UPDATEs: a user already flushed today). Per flush: rows/s,
@@ -26,8 +29,9 @@ Measured (throwaway servers from core.services, loopback only):
 Then the capacity model (``model()``: the arithmetic is here, printed line by line) sizes a deployment of
 ``--pods`` pods posting ``--events-per-second`` in total from those figures and the stated assumptions.
 Redis memory per item comes from benchmarks/memory.py (deterministic for a Redis build; see
-docs/PERFORMANCE.md) and is an option here. The cluster figures (per node, 1 vs 3 shards, WAIT,
-concurrent shard flushes) are benchmarks/cluster.py's. docs/SCALING.md gives the figures of a run.
+docs/PERFORMANCE.md). The cluster figures (per node, 1 vs 3 shards, WAIT, concurrent shard flushes) are
+benchmarks/cluster.py's; with ``--cluster FILE`` (its ``--save``) the model takes the sidecar's, the master's
+and the replica's CPU per request from there. docs/SCALING.md gives the figures of a run.
 """
 
 from __future__ import annotations
