@@ -196,21 +196,25 @@ def which_or_none(name: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------ services
 @contextlib.contextmanager
-def services(database_url: str | None, prefix: str) -> Iterator[tuple[RedisServer, str, str]]:
+def services(database_url: str | None, prefix: str,
+             postgres_settings: dict[str, str] | None = None) -> Iterator[tuple[RedisServer, str, str]]:
     """A throwaway Redis, and PostgreSQL: ``database_url`` if given, else a throwaway one (both in a
-    temp folder named ``prefix``…); yields (redis server, database url, where PostgreSQL comes from)."""
+    temp folder named ``prefix``…; ``postgres_settings`` override its test settings, e.g. fsync off);
+    yields (redis server, database url, where PostgreSQL comes from)."""
     with tempfile.TemporaryDirectory(prefix=prefix) as folder:
-        yield from _services(database_url, Path(folder))
+        yield from _services(database_url, Path(folder), postgres_settings)
 
 
-def _services(database_url: str | None, scratch: Path) -> Iterator[tuple[RedisServer, str, str]]:
+def _services(database_url: str | None, scratch: Path,
+              postgres_settings: dict[str, str] | None = None) -> Iterator[tuple[RedisServer, str, str]]:
     redis_server = RedisServer(scratch / "redis").start()
     postgres = None
     try:
         if database_url is None:
-            postgres = PostgresServer(scratch / "postgres").start()
+            postgres = PostgresServer(scratch / "postgres", settings=postgres_settings).start()
             database_url = postgres.url
-            origin = "throwaway PostgresServer (fsync=off, synchronous_commit=off)"
+            origin = ("throwaway PostgresServer (" + (", ".join(f"{k}={v}" for k, v in postgres_settings.items())
+                      if postgres_settings else "fsync=off, synchronous_commit=off") + ")")
         else:
             origin = "from --database-url"
         yield redis_server, database_url, origin

@@ -431,8 +431,11 @@ def _unprivileged_user() -> str | None:
 class PostgresServer:
     """A throwaway PostgreSQL cluster on a free loopback port (trust auth, fsync off)."""
 
-    def __init__(self, directory: Path, *, port: int | None = None) -> None:
+    def __init__(self, directory: Path, *, port: int | None = None, settings: dict[str, str] | None = None) -> None:
         self.bin = find_postgres_bin()
+        # Overrides of the test settings below, e.g. {"fsync": "on", "full_page_writes": "on"} for a
+        # benchmark that measures what production writes (WAL bytes, commit cost).
+        self.settings = dict(settings or {})
         self.user = _unprivileged_user()
         self._scratch: Path | None = None
         if self.user and not _traversable_by_others(directory.parent):
@@ -470,6 +473,7 @@ class PostgresServer:
             self._initialised = True
         options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.directory} -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())  # the last -c wins
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
                   "-l", str(self.directory / "postgres.log"), "-w", "-t", "60", "start")
         _wait_port("127.0.0.1", self.port, 30)

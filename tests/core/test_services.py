@@ -68,6 +68,23 @@ def test_postgres_survives_a_restart_with_its_data(tmp_path: Path) -> None:
         server.destroy()
 
 
+def test_postgres_settings_override_the_test_defaults(tmp_path: Path) -> None:
+    """Benchmarks that measure WAL and commit cost start it with production's durability settings."""
+    server = PostgresServer(tmp_path / "pg", settings={"fsync": "on", "full_page_writes": "on"}).start()
+    try:
+        async def show() -> tuple[str, str, str]:
+            connection = await asyncpg.connect(server.url)
+            try:
+                return tuple([str(await connection.fetchval(f"SHOW {name}"))  # type: ignore[return-value]
+                              for name in ("fsync", "full_page_writes", "synchronous_commit")])
+            finally:
+                await connection.close()
+
+        assert asyncio.run(show()) == ("on", "on", "off")  # named ones changed, the rest as the tests have them
+    finally:
+        server.destroy()
+
+
 def test_redis_server_picks_another_port_when_its_free_port_was_taken(tmp_path: Path) -> None:
     """free_port() then bind is racy (parallel throwaway servers): a taken port is replaced, not fatal."""
     import socket
