@@ -619,8 +619,8 @@ def main() -> int:
                        help="share of a core planned per Redis master (headroom for spikes, failover, fork)")
     group.add_argument("--redis-memory", type=float, default=25.0,
                        help="GiB of data planned per Redis master (default 25: a 32 GiB node with fork headroom)")
-    group.add_argument("--dedup-window", type=float, default=86_400.0,
-                       help="ingest.dedup_window_seconds (default: the config's 86,400)")
+    group.add_argument("--dedup-window", type=float, default=43_200.0,
+                       help="ingest.dedup_window_seconds (default: the config's 43,200)")
     group.add_argument("--message-id-share", type=float, default=1.0,
                        help="share of events carrying a message_id (Segment/PostHog SDKs always send one)")
     group.add_argument("--replicas", type=int, default=1)
