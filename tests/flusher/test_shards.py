@@ -29,6 +29,8 @@ from analytics_pipeline.core.config import Config
 from analytics_pipeline.core.events import Event
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys, key_slot, shard_tags, sidecar_shard_tag
 from analytics_pipeline.core.postgres import connect
+from analytics_pipeline.core.redis_clients import async_client
+from analytics_pipeline.core.services import RedisClusterServers
 from analytics_pipeline.core.shards import pipeline_shards
 from analytics_pipeline.flusher.run import Hook, PipelineStats
 from analytics_pipeline.flusher.shards import flush_pipeline_shards
@@ -376,13 +378,31 @@ async def test_chaos_sixteen_clients_flushers_sigkilled_at_random(shards: int, r
         assert len({key_slot(PipelineKeys(cfg.pipeline, t).dirty) for t in tags}) == shards
 
 
+@pytest.fixture(params=["single", "cluster"])
+async def any_redis(request: pytest.FixtureRequest, redis_url: str, redis_client: aioredis.Redis,
+                    tmp_path: Path) -> AsyncIterator[tuple[str, Any]]:
+    """(URL, client): the suite's single Redis, or a fresh 3-master/3-replica Redis Cluster."""
+    if request.param == "single":
+        yield redis_url, redis_client
+        return
+    cluster = RedisClusterServers(tmp_path / "cluster").start()
+    client = await async_client(cluster.url, "on", decode_responses=True)
+    try:
+        yield cluster.url, client
+    finally:
+        await client.aclose()
+        cluster.stop()
+
+
 @pytest.mark.slow
-async def test_shards_changed_1_3_2_on_a_live_pipeline_exact(redis_url: str, redis_client: aioredis.Redis,
-                                                             pg: asyncpg.Connection, config: Config,
-                                                             shard_cleanup: None) -> None:
+async def test_shards_changed_1_3_2_on_a_live_pipeline_exact(any_redis: tuple[str, Any], pg: asyncpg.Connection,
+                                                             config: Config, shard_cleanup: None) -> None:
     """N goes 1 → 3 → 2 while writers post: sidecars restarted with the new N pick their shard by pod name,
     sidecars still on the old N keep writing to old shards for a while; the flusher (on the new config)
-    drains old shards, and queries count every shard, so nothing is lost or counted twice."""
+    drains old shards, and queries count every shard, so nothing is lost or counted twice. On one Redis
+    and on a real Redis Cluster (the shards then live on several masters)."""
+    redis_url, redis_client = any_redis
+    config = make_config(config.pipeline, redis_url, config.database_url)
     pods = [f"web-{i}" for i in range(6)]
     writers = ShardWriters(config)
     flushed: list[PipelineStats] = []
@@ -397,7 +417,7 @@ async def test_shards_changed_1_3_2_on_a_live_pipeline_exact(redis_url: str, red
             return sidecar_shard_tag(config.pipeline, n, pods[i % len(pods)])
 
         async def flusher_and_reader() -> None:
-            client = aioredis.Redis.from_url(redis_url)
+            client = await async_client(redis_url, "auto")
             conn = await connect(cfg_new)
             q = Queries.for_config(redis_client, pg, cfg_new)
             try:
@@ -423,6 +443,9 @@ async def test_shards_changed_1_3_2_on_a_live_pipeline_exact(redis_url: str, red
     cfg = sharded(config, 2)
     used = {tag for tag in writers.committers}
     assert len(used) >= 4  # shard 0 and shards of both N=3 and N=2 were written
+    if isinstance(redis_client, aioredis.RedisCluster):  # ... and they lived on more than one master
+        masters = {redis_client.get_node_from_key(PipelineKeys(cfg.pipeline, tag).dirty).name for tag in used}
+        assert len(masters) >= 2, masters
     q = Queries.for_config(redis_client, pg, cfg)
     await check_queries(q, writers.expected)  # the old N=3 shards still hold counts: read
     final = await flush_all_shards(redis_client, pg, cfg)
