@@ -11,6 +11,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -239,6 +240,26 @@ def wait_started(process: subprocess.Popen[bytes], port: int, what: str, log_pat
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not start: {log_path.read_text()[-1500:]}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def served(command: Sequence[str], *, env: dict[str, str], port: int, what: str, log_path: Path,
+           cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process (its output to ``log_path``) that answers /healthz on ``port``; SIGTERM at the end."""
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(list(command), env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   cwd=cwd or REPO)
+        try:
+            wait_started(process, port, what, log_path)
+            yield process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
 
 def healthy(url: str) -> bool:

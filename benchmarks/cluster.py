@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -99,21 +98,10 @@ def sidecar(config: Path, redis_url: str, pipeline: str, pod: str, log_dir: Path
            if k not in ("ANALYTICS_CONFIG", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "DATABASE_URL")}
     env.update(REDIS_URL=redis_url, ANALYTICS_PIPELINE=pipeline, POD_NAME=pod)
     log_path = log_dir / f"sidecar-{pod}-{port}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([*base, "sidecar", "--config", str(config), "--port", str(port), "--no-reload",
-                                    "--event-loop", "auto", "--log-level", "warning"], env=env, stdout=log_file,
-                                   stderr=subprocess.STDOUT, cwd=benchlib.REPO)
-        try:
-            benchlib.wait_started(process, port, f"sidecar {pod}", log_path)
-            yield process.pid, port
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+    command = [*base, "sidecar", "--config", str(config), "--port", str(port), "--no-reload", "--event-loop", "auto",
+               "--log-level", "warning"]
+    with benchlib.served(command, env=env, port=port, what=f"sidecar {pod}", log_path=log_path) as process:
+        yield process.pid, port
 
 
 def node_cpu(cluster: RedisClusterServers) -> dict[int, float]:

@@ -37,7 +37,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -182,20 +181,9 @@ def server_process(target: Target, redis_url: str, pipeline: str, log_dir: Path)
     port = free_port()
     command, env = target.command(port, redis_url, pipeline)
     log_path = log_dir / f"{target.name}-{port}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([*PIN["server"], *command], env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   cwd=benchlib.REPO)
-        try:
-            benchlib.wait_started(process, port, target.name, log_path)
-            yield process.pid, port
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+    with benchlib.served([*PIN["server"], *command], env=env, port=port, what=target.name,
+                         log_path=log_path) as process:
+        yield process.pid, port
 
 
 def stored_events(client: redis.Redis, target: Target, pipeline: str) -> tuple[int, bool]:

@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -97,19 +96,9 @@ def sidecar(command: str, redis_url: str, database_url: str, log_dir: Path, name
     env = {k: v for k, v in os.environ.items() if k not in ("ANALYTICS_CONFIG", "PYTHONPATH")}
     env.update(REDIS_URL=redis_url, DATABASE_URL=database_url, ANALYTICS_PIPELINE=PIPELINE, PYTHONSAFEPATH="1")
     log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([command, "sidecar", "--port", str(port), "--no-reload", "--log-level", "warning"],
-                                   env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=log_dir)
-        try:
-            benchlib.wait_started(process, port, f"sidecar {name}", log_path)
-            yield port, process.pid
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with benchlib.served([command, "sidecar", "--port", str(port), "--no-reload", "--log-level", "warning"],
+                         env=env, port=port, what=f"sidecar {name}", log_path=log_path, cwd=log_dir) as process:
+        yield port, process.pid
 
 
 def _children(pid: int) -> list[int]:
