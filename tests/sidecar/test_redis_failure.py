@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+from cluster_load import Tally, closed_loop
 from sidecar_helpers import Sidecar, SidecarFactory, grand_total, kind_totals, pipeline_keys
 
 from analytics_pipeline.core.keys import PIPELINES_SET, PipelineKeys
@@ -25,34 +24,9 @@ from analytics_pipeline.core.services import RedisServer
 from analytics_pipeline.sidecar.committer import SCRIPT
 
 
-@dataclass
-class LoadResult:
-    acked: dict[str, int] = field(default_factory=dict)
-    answers: dict[int, int] = field(default_factory=dict)
-
-
-async def run_load(sidecar: Sidecar, stop: asyncio.Event, clients: int = 16) -> LoadResult:
-    """Closed-loop clients until ``stop``; each 503 must carry Retry-After and each 200 is tallied."""
-    result = LoadResult()
-
-    async def client(number: int) -> None:
-        rng = random.Random(number)
-        while not stop.is_set():
-            size = rng.choice([1, 1, 3, 10])
-            events = [{"event": f"e{rng.randrange(3)}", "user_id": f"u{rng.randrange(5)}"} for _ in range(size)]
-            answer = await sidecar.post("/v1/events", events if size > 1 else events[0])
-            result.answers[answer.status] = result.answers.get(answer.status, 0) + 1
-            if answer.status == 200:
-                assert answer.body == {"accepted": size, "duplicates": 0}
-                for event in events:
-                    result.acked[event["event"]] = result.acked.get(event["event"], 0) + 1
-            else:
-                assert answer.status == 503, answer.body
-                assert int(answer.headers["Retry-After"]) >= 1
-                await asyncio.sleep(0.02)
-
-    await asyncio.gather(*(client(n) for n in range(clients)))
-    return result
+async def run_load(sidecar: Sidecar, stop: asyncio.Event, clients: int = 16) -> Tally:
+    """Closed-loop clients until ``stop`` (cluster_load.closed_loop): 200s tallied, 503s with Retry-After."""
+    return await closed_loop(sidecar, stop, clients)
 
 
 @contextlib.asynccontextmanager
@@ -68,7 +42,7 @@ def fast_failure_config(sidecar_config, url: str):  # type: ignore[no-untyped-de
     return sidecar_config(redis_url=url, server={"redis_timeout_seconds": 0.3, "retry_after_seconds": 2})
 
 
-async def _assert_totals(url: str, keys: PipelineKeys, result: LoadResult) -> None:
+async def _assert_totals(url: str, keys: PipelineKeys, result: Tally) -> None:
     async with client_for(url) as client:
         assert await kind_totals(client, keys, "d") == result.acked
         assert await kind_totals(client, keys, "h") == result.acked
