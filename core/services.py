@@ -214,17 +214,23 @@ class RedisClusterServers:
         if self.cli is None:
             raise ServiceError("no redis-cli found: a Redis Cluster is created with `redis-cli --cluster create`; "
                                "install Debian's redis-tools (apt-get install redis-server)")
-        self.nodes: list[RedisServer] = []
-        for number in range(masters * (1 + replicas)):
+        self.masters = masters
+        self.replicas = replicas
+        self._options = (node_timeout_ms, appendonly, extra_args)
+        self.nodes: list[RedisServer] = self._new_nodes(directory)
+
+    def _new_nodes(self, directory: Path) -> list[RedisServer]:
+        node_timeout_ms, appendonly, extra_args = self._options
+        nodes = []
+        for number in range(self.masters * (1 + self.replicas)):
             folder = directory / f"node-{number}"
             # The cluster bus defaults to port + 10000, past 65535 for a fifth of free ports: name it.
-            self.nodes.append(RedisServer(folder, appendonly=appendonly, extra_args=(
+            nodes.append(RedisServer(folder, appendonly=appendonly, extra_args=(
                 "--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
                 "--cluster-port", str(free_port()), "--cluster-node-timeout", str(node_timeout_ms),
                 "--repl-diskless-sync-delay", "0",
                 *extra_args)))
-        self.masters = masters
-        self.replicas = replicas
+        return nodes
 
     @property
     def url(self) -> str:
@@ -238,26 +244,47 @@ class RedisClusterServers:
         return next(node for node in self.nodes if node.port == port)
 
     def start(self) -> RedisClusterServers:
-        for node in self.nodes:
-            node.start()
-        self._redis_cli("--cluster", "create", *self.addresses(), "--cluster-replicas", str(self.replicas),
-                        "--cluster-yes")
-        self.wait_healthy()
-        self.wait_replicated()
-        self._wait_topology_agreed()
-        return self
+        """Start the nodes and create the cluster; a cluster that does not settle is built once more afresh."""
+        for attempt in (1, 2):
+            try:
+                for node in self.nodes:
+                    node.start()
+                self._redis_cli("--cluster", "create", *self.addresses(), "--cluster-replicas", str(self.replicas),
+                                "--cluster-yes")
+                self.wait_healthy()
+                self.wait_replicated()
+                self._wait_topology_agreed()
+                return self
+            except ServiceError as error:
+                self.stop()
+                if attempt == 2:
+                    raise
+                log.warning("Redis Cluster did not come up (%s); building it again", error)
+                self.nodes = self._new_nodes(self.directory / f"retry-{attempt}")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _wait_topology_agreed(self, timeout: float = 60) -> None:
         """Until every node's CLUSTER NODES shows the masters and replicas that were created (gossip settles)."""
         deadline = time.monotonic() + timeout
+        seen: dict[int, str] = {}
         while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                views = [self.cluster_nodes(node.port) for node in self.nodes]
-                if all(sum(n["role"] == "replica" for n in view) == self.masters * self.replicas
-                       for view in views):
-                    return
+            agreed = True
+            for node in self.nodes:
+                try:
+                    view = self.cluster_nodes(node.port)
+                except Exception as error:  # not answering (yet)
+                    seen[node.port] = repr(error)
+                    agreed = False
+                    continue
+                roles = sorted(str(n["role"]) for n in view)
+                seen[node.port] = ",".join(roles)
+                agreed &= (roles.count("replica") == self.masters * self.replicas
+                           and roles.count("master") == self.masters)
+            if agreed:
+                return
             time.sleep(0.1)
-        raise ServiceError(f"the Redis Cluster nodes did not agree on their roles within {timeout:.0f}s")
+        raise ServiceError(f"the Redis Cluster nodes did not agree on their roles within {timeout:.0f}s: "
+                           f"roles seen per node {seen}")
 
     def wait_replicated(self, timeout: float = 60) -> None:
         """Until every live replica's link to its master is up (a replica that never synced cannot take over)."""
@@ -336,8 +363,9 @@ class RedisClusterServers:
                     continue  # a slot being migrated or imported
                 low, _, high = part.partition("-")
                 slots.append((int(low), int(high or low)))
+            role = "master" if "master" in flags else "replica" if "slave" in flags else "other"  # handshake, noaddr
             found.append({"id": fields[0], "port": int(fields[1].split("@")[0].rsplit(":", 1)[1]),
-                          "role": "master" if "master" in flags else "replica",
+                          "role": role,
                           "master": fields[3] if fields[3] != "-" else None, "slots": slots,
                           "failed": "fail" in flags or "fail?" in flags})
         return found

@@ -111,3 +111,29 @@ def test_harness_cluster_has_three_masters_each_with_a_synced_replica(redis_clus
         assert client.get("ap:{harness}:x") == b"1"  # the promoted replica had it
     finally:
         client.close()
+
+
+def test_harness_builds_the_cluster_afresh_when_it_does_not_settle(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster whose gossip never settles (seen once in a loaded CI run) is stopped and built again."""
+    from analytics_pipeline.core.services import RedisClusterServers, ServiceError
+
+    calls: list[int] = []
+    settle = RedisClusterServers._wait_topology_agreed
+
+    def flaky(self: RedisClusterServers, timeout: float = 60) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ServiceError("did not settle (test)")
+        settle(self, timeout)
+
+    monkeypatch.setattr(RedisClusterServers, "_wait_topology_agreed", flaky)
+    cluster = RedisClusterServers(tmp_path / "cluster")
+    first = list(cluster.nodes)
+    cluster.start()
+    try:
+        assert len(calls) == 2 and all(node.process is None for node in first)  # the first build is gone
+        assert {n.port for n in cluster.nodes}.isdisjoint({n.port for n in first})
+        assert len(cluster.live_masters()) == 3
+    finally:
+        cluster.stop()
