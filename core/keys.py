@@ -34,6 +34,7 @@ Bookkeeping keys:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -98,6 +99,13 @@ def shard_tags(pipeline: str, shards: int) -> list[str]:
     """
     if shards < 1:
         raise ValueError(f"shards must be >= 1, not {shards}")
+    return list(_shard_tags(pipeline, shards))
+
+
+@functools.lru_cache(maxsize=1024)
+def _shard_tags(pipeline: str, shards: int) -> tuple[str, ...]:
+    """:func:`shard_tags`, computed once per (pipeline, N): the salt search is ~1 ms of Python per three
+    shards, and every query attempt and flush run asks for the shard set."""
     base = crc16(pipeline.encode()) % CLUSTER_SLOTS
     tags = [pipeline]
     for k in range(1, shards):
@@ -110,7 +118,7 @@ def shard_tags(pipeline: str, shards: int) -> list[str]:
                 tags.append(tag)
                 break
             salt += 1
-    return tags
+    return tuple(tags)
 
 
 def sidecar_shard_tag(pipeline: str, shards: int, pod_name: str) -> str:
